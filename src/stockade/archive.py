@@ -1,0 +1,293 @@
+"""The ``Archive`` facade: the only thing adapters (DIMSE, web, CLI) talk to.
+
+It owns the blob store, the index and the audit sink, and offers the operations of the
+archive: store, verify, peer (node) management and the association admission policy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from stockade.audit.events import (
+    Actor,
+    ApplicationActivity,
+    AssociationRejected,
+    AuditEvent,
+    IntegrityChecked,
+    NodeChanged,
+)
+from stockade.audit.sink import AuditSink
+from stockade.dicom.uids import uid_problem
+from stockade.errors import ConfigError, IntegrityError, NotAuthorized, StorageFailure
+from stockade.index.base import Index, Node, StoredInstance
+from stockade.ingest import Buffer, Ingest, Origin, StoreResult
+from stockade.settings import Settings, is_loopback
+from stockade.storage.base import BlobStore, RecoveryReport
+
+log = logging.getLogger(__name__)
+
+#: DIMSE services a node may be allowed to use.
+SERVICES = frozenset({"echo", "store", "find", "get", "move"})
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An admitted association's peer: the node it matched, or an open loopback peer."""
+
+    ae_title: str
+    address: str
+    node: str | None
+    allow: frozenset[str]
+
+    def check(self, service: str) -> None:
+        """Raise NotAuthorized unless the peer may use *service*."""
+        if service not in self.allow:
+            raise NotAuthorized(f"node {self.node} is not allowed to {service}")
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :meth:`Archive.verify`."""
+
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True if index and storage agree and every hash matched."""
+        return not self.problems
+
+
+def ae_title_problem(value: str) -> str | None:
+    """What is wrong with an AE title (PS3.5 6.2, AE VR), or None."""
+    if not value.strip() or len(value) > 16:
+        return "must be 1 to 16 characters"
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in value):
+        return "must be printable ASCII without backslash"
+    return None
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {str(ipaddress.ip_address(host))}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return set()
+    return {str(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos}
+
+
+def _normal(address: str) -> str:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class Archive:
+    """The facade over storage, index and audit."""
+
+    def __init__(self, settings: Settings, store: BlobStore, index: Index,
+                 audit: AuditSink) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.audit_sink = audit
+        self.ingest = Ingest(settings, store, index, audit)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def prepare(self) -> RecoveryReport:
+        """Migrate the index and repair what a crash left (run before serving)."""
+        self.index.migrate()
+        report = self.store.recover(self.index.is_blob_indexed)
+        for key in self.index.queued_deletions():
+            if not self.index.is_blob_indexed(key):
+                self.store.delete(key)
+            self.index.forget_deletion(key)
+        if report.published or report.discarded:
+            log.info("recovery: %d staged objects published, %d unacknowledged discarded",
+                     report.published, report.discarded)
+        return report
+
+    def close(self) -> None:
+        """Release resources."""
+        self.store.close()
+        self.index.close()
+        self.audit_sink.close()
+
+    def audit(self, event: AuditEvent) -> None:
+        """Emit an audit event."""
+        self.audit_sink.emit(event)
+
+    def started(self, via: str) -> None:
+        """Record that the archive started serving."""
+        self.audit(ApplicationActivity(actor=Actor(via=via), action="start"))
+
+    def stopped(self, via: str) -> None:
+        """Record that the archive stopped serving."""
+        self.audit(ApplicationActivity(actor=Actor(via=via), action="stop"))
+
+    # -- storing ---------------------------------------------------------------------------
+
+    def store_dimse(self, dataset: Buffer, transfer_syntax: str, *, sop_class_uid: str,
+                    sop_instance_uid: str, peer: Peer) -> StoreResult:
+        """Store a C-STORE data set (PS3.4 B.2.2) from an admitted peer."""
+        peer.check("store")
+        origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address)
+        return self.ingest.from_dimse(dataset, transfer_syntax, sop_class_uid=sop_class_uid,
+                                      sop_instance_uid=sop_instance_uid, origin=origin)
+
+    def store_file(self, data: Buffer, origin: Origin) -> StoreResult:
+        """Store a Part 10 file (import, and later upload and STOW-RS)."""
+        return self.ingest.from_file(data, origin)
+
+    # -- association admission -------------------------------------------------------------
+
+    def admit(self, calling_ae: str, called_ae: str, address: str) -> Peer:
+        """Decide whether a DIMSE association may proceed (threat model SR-16).
+
+        An unknown calling AE is admitted only while the listener is on loopback and no node
+        is configured; otherwise the calling AE title and the peer's address must match a
+        configured node.
+
+        Raises
+        ------
+        NotAuthorized
+            With the reason, which is logged and audited here.
+        """
+        reason = None
+        peer = None
+        problem = ae_title_problem(calling_ae)
+        if problem:
+            reason = f"calling AE title {calling_ae[:32]!r} {problem}"
+        elif called_ae.strip() != self.settings.dicom_ae_title.strip():
+            reason = f"called AE title {called_ae.strip()[:16]!r} is not this archive's"
+        else:
+            nodes = self.index.nodes()
+            if not nodes and self.settings.dicom_on_loopback and is_loopback(_normal(address)):
+                peer = Peer(calling_ae.strip(), address, None, SERVICES)
+            else:
+                normal = _normal(address)
+                for node in nodes:
+                    if node.ae_title == calling_ae.strip() and normal in {
+                        _normal(a) for a in _addresses(node.host)
+                    }:
+                        peer = Peer(calling_ae.strip(), address, node.name, node.allow)
+                        break
+                if peer is None:
+                    reason = (f"calling AE {calling_ae.strip()!r} from {address} is not a "
+                              "configured node")
+        if peer is None:
+            log.warning("association refused: %s", reason)
+            self.audit(AssociationRejected(
+                actor=Actor(ae_title=calling_ae.strip()[:16], address=address, via="dimse"),
+                outcome="failure", reason=str(reason)))
+            raise NotAuthorized(str(reason))
+        return peer
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def add_node(self, name: str, ae_title: str, host: str, port: int,
+                 allow: frozenset[str]) -> Node:
+        """Configure a DICOM peer."""
+        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("node name must be 1 to 64 letters, digits, '-' or '_'")
+        problem = ae_title_problem(ae_title)
+        if problem:
+            raise ConfigError(f"AE title {problem}")
+        if not 1 <= port <= 65535:
+            raise ConfigError("port must be from 1 to 65535")
+        if not host or len(host) > 253 or any(c.isspace() for c in host):
+            raise ConfigError("host must be an IP address or a host name")
+        unknown = allow - SERVICES
+        if unknown:
+            raise ConfigError(f"unknown service(s) {sorted(unknown)}; use {sorted(SERVICES)}")
+        node = Node(name, ae_title, host, port, allow)
+        self.index.add_node(node)
+        self.audit(NodeChanged(actor=Actor(via="cli"), name=name, action="add"))
+        return node
+
+    def remove_node(self, name: str) -> bool:
+        """Remove a DICOM peer."""
+        removed = self.index.remove_node(name)
+        if removed:
+            self.audit(NodeChanged(actor=Actor(via="cli"), name=name, action="remove"))
+        return removed
+
+    def nodes(self) -> list[Node]:
+        """Configured DICOM peers."""
+        return self.index.nodes()
+
+    # -- integrity -------------------------------------------------------------------------
+
+    def check_instance(self, inst: StoredInstance) -> None:
+        """Re-hash one stored instance against the index (SR-18).
+
+        Raises
+        ------
+        IntegrityError
+            The blob is missing, or its size or SHA-256 differ from the index.
+        """
+        import hashlib
+
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self.store.open(inst.blob_key) as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except StorageFailure as exc:
+            raise IntegrityError(f"{inst.sop_instance_uid}: {exc.reason}") from None
+        if size != inst.size or digest.hexdigest() != inst.sha256:
+            raise IntegrityError(f"{inst.sop_instance_uid}: content no longer matches its "
+                                 "SHA-256 (blob corrupted or altered)")
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
+        """Re-hash every blob and check that index and storage agree.
+
+        Problems seen while objects are being written are checked a second time at the end,
+        so that an instance committed a moment before its blob was published is not reported.
+        """
+        report = VerifyReport()
+        suspects: list[StoredInstance] = []
+        indexed: set[str] = set()
+        for inst in self.index.instances():
+            indexed.add(inst.blob_key)
+            report.checked += 1
+            try:
+                self.check_instance(inst)
+            except IntegrityError:
+                suspects.append(inst)
+            if progress:
+                progress(1)
+        orphans = [k for k in self.store.keys() if k not in indexed]
+        for inst in suspects:
+            try:
+                self.check_instance(inst)
+            except IntegrityError as exc:
+                report.problems.append(exc.reason)
+        for key in orphans:
+            if not self.index.is_blob_indexed(key):
+                report.problems.append(f"blob {key} is in storage but not in the index")
+        self.audit(IntegrityChecked(actor=Actor(via="cli"), checked=report.checked,
+                                    problems=len(report.problems),
+                                    outcome="success" if report.ok else "failure"))
+        return report
+
+    def counts(self) -> dict[str, int]:
+        """Numbers of patients, studies, series and instances."""
+        return self.index.counts()
+
+    def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
+        """An instance by SOP Instance UID (validated first)."""
+        if uid_problem(sop_instance_uid):
+            return None
+        return self.index.find_instance(sop_instance_uid)

@@ -1,0 +1,1 @@
+"""Audit events emitted by the core, and the sinks that keep them."""

@@ -1,0 +1,113 @@
+"""Typed audit events (modelled on DICOM PS3.15 A.5 / IHE ATNA event types).
+
+The core emits these, so every adapter (DIMSE, DICOMweb, CLI) produces identical records.
+``docs/audit-events.md`` lists them; a test fails when one is undocumented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Actor:
+    """Who did it: an application entity, a network address, a user, or this process."""
+
+    ae_title: str | None = None
+    address: str | None = None
+    user: str | None = None
+    via: str = "internal"  # dimse | import | web | cli | internal
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEvent:
+    """Base of every audit event."""
+
+    actor: Actor
+    outcome: str = "success"  # success | failure (PS3.15 A.5.1 EventOutcomeIndicator 0 / 4)
+    time: str = field(default_factory=_now)
+
+    @property
+    def type(self) -> str:
+        """The event type name, as written in the record."""
+        return type(self).__name__
+
+    def as_record(self) -> dict[str, Any]:
+        """A JSON-ready record."""
+        data = dataclasses.asdict(self)
+        return {"type": self.type, **data}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceStored(AuditEvent):
+    """An object was stored, found to be a duplicate, or replaced another (ATNA: DICOM
+    Instances Transferred, PS3.15 A.5.3.3, action Create/Update)."""
+
+    study_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    patient_id: str | None
+    result: str  # stored | duplicate | replaced
+    preamble: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceRejected(AuditEvent):
+    """An object was refused by the ingest pipeline (outcome: failure)."""
+
+    reason: str
+    code: str
+    sop_instance_uid: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssociationRejected(AuditEvent):
+    """A DIMSE association request was refused (ATNA: Security Alert, PS3.15 A.5.3.11)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecurityAlert(AuditEvent):
+    """Something suspicious was found in accepted input, e.g. an executable preamble
+    (PS3.15 A.5.3.11)."""
+
+    finding: str
+    detail: str
+    sop_instance_uid: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApplicationActivity(AuditEvent):
+    """The archive started or stopped (PS3.15 A.5.3.1)."""
+
+    action: str  # start | stop
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeChanged(AuditEvent):
+    """A DICOM peer was added or removed (configuration change)."""
+
+    name: str
+    action: str  # add | remove
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntegrityChecked(AuditEvent):
+    """``stockade verify`` ran (outcome failure if anything disagreed)."""
+
+    checked: int
+    problems: int
+
+
+EVENT_TYPES: tuple[type[AuditEvent], ...] = (
+    InstanceStored, InstanceRejected, AssociationRejected, SecurityAlert,
+    ApplicationActivity, NodeChanged, IntegrityChecked,
+)

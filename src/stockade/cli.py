@@ -1,0 +1,253 @@
+"""The ``stockade`` command line: serve, import, verify, node, settings.
+
+A thin adapter: it parses arguments, calls the :class:`~stockade.archive.Archive`, and turns
+errors into messages and exit codes (0 success, 1 something was refused or found wrong, 2 bad
+usage or configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import stat
+import sys
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from stockade import __version__
+from stockade.app import build_archive, configure_logging
+from stockade.archive import Archive
+from stockade.errors import ConfigError, StockadeError
+from stockade.ingest import Origin
+from stockade.settings import DECLARED, Settings, load, markdown
+
+#: ZIP archives: most entries read from one archive, and the largest total read (SR-14).
+MAX_ZIP_ENTRIES = 100_000
+ZIP_MAGIC = b"PK\x03\x04"
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stockade", description="Stockade: a DICOM archive you can trust.",
+        epilog="Settings (also STOCKADE_<NAME> variables or a --config TOML file): "
+        + ", ".join(d.name for d in DECLARED))
+    parser.add_argument("--version", action="version", version=f"stockade {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the archive (DIMSE listener)")
+    imp = sub.add_parser("import", help="store DICOM files, folders (recursively) and ZIPs")
+    imp.add_argument("paths", nargs="+", type=Path)
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("verify", help="re-hash every stored object; check index and storage agree")
+    node = sub.add_parser("node", help="manage DICOM peers")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    add = node_sub.add_parser("add", help="add a peer")
+    add.add_argument("name")
+    add.add_argument("--ae", required=True, help="the peer's AE title")
+    add.add_argument("--host", required=True, help="the peer's IP address or host name")
+    add.add_argument("--port", required=True, type=int, help="the peer's DIMSE port")
+    add.add_argument("--allow", default="echo,store",
+                     help="services the peer may use: echo,store,find,get,move "
+                     "(default echo,store)")
+    node_sub.add_parser("list", help="list peers")
+    rm = node_sub.add_parser("remove", help="remove a peer")
+    rm.add_argument("name")
+    st = sub.add_parser("settings", help="show the settings in force")
+    st.add_argument("--markdown", action="store_true", help="print the settings reference")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stockade`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "settings" and args.markdown:
+            sys.stdout.write(markdown())
+            return 0
+        settings = load(args.config)
+        configure_logging(settings.log_level)
+        if args.command == "serve":
+            from stockade.dimse.workers import serve
+
+            return serve(settings, args.config)
+        if args.command == "settings":
+            for name, value in settings.as_dict().items():
+                out.print(f"{name} = {value!s}")
+            return 0
+        archive = build_archive(settings)
+        try:
+            archive.prepare()
+            if args.command == "import":
+                return _import(archive, settings, args.paths, quiet=args.quiet)
+            if args.command == "verify":
+                return _verify(archive)
+            return _node(archive, args)
+        finally:
+            archive.close()
+    except ConfigError as exc:
+        err.print(f"stockade: {exc.reason}")
+        return 2
+    except StockadeError as exc:
+        err.print(f"stockade: {exc.reason}")
+        return 1
+
+
+# -- import ------------------------------------------------------------------------------
+
+
+def _walk(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+def _read(path: Path, cap: int) -> bytes:
+    """Read a regular file of at most *cap* bytes (checked before reading)."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise StockadeError("not a regular file")
+    if info.st_size > cap:
+        raise StockadeError(f"file of {info.st_size} bytes exceeds max_object_size ({cap})")
+    with path.open("rb") as fh:
+        return fh.read(cap + 1)
+
+
+def _zip_members(path: Path, cap: int) -> Iterator[tuple[str, bytes | StockadeError]]:
+    """Yield (label, bytes or error) for each file in a ZIP, with SR-14/SR-19 limits.
+
+    Entry names are used as labels only, never as paths: nothing is extracted to disk, so a
+    name like ``../../x.dcm`` cannot write anywhere.
+    """
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_ZIP_ENTRIES:
+            yield str(path), StockadeError(f"ZIP has {len(infos)} entries "
+                                           f"(limit {MAX_ZIP_ENTRIES})")
+            return
+        for info in infos:
+            if info.is_dir():
+                continue
+            label = f"{path}!{info.filename[:200]}"
+            if info.file_size > cap:
+                yield label, StockadeError(f"entry of {info.file_size} bytes exceeds "
+                                           f"max_object_size ({cap})")
+                continue
+            try:
+                with archive.open(info) as member:
+                    data = member.read(cap + 1)  # the declared size may lie: read is capped
+            except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
+                yield label, StockadeError(f"unreadable ZIP entry: {exc}")
+                continue
+            if len(data) > cap:
+                yield label, StockadeError(f"entry exceeds max_object_size ({cap})")
+                continue
+            yield label, data
+
+
+def _items(paths: list[Path], cap: int) -> Iterator[tuple[str, bytes | StockadeError]]:
+    for path in _walk(paths):
+        try:
+            data = _read(path, cap)
+        except StockadeError as exc:
+            yield str(path), exc
+            continue
+        except OSError as exc:
+            yield str(path), StockadeError(f"cannot read: {exc.strerror}")
+            continue
+        is_dicom = len(data) >= 132 and data[128:132] == b"DICM"
+        if not is_dicom and data[:4] == ZIP_MAGIC and zipfile.is_zipfile(path):
+            try:
+                yield from _zip_members(path, cap)
+            except (zipfile.BadZipFile, OSError) as exc:
+                yield str(path), StockadeError(f"broken ZIP: {exc}")
+            continue
+        yield str(path), data
+
+
+def _import(archive: Archive, settings: Settings, paths: list[Path], *, quiet: bool) -> int:
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise ConfigError(f"no such file or folder: {missing[0]}")
+    total = sum(1 for _ in _walk(paths))
+    tally: Counter[str] = Counter()
+    rejected: list[tuple[str, str]] = []
+    logging.getLogger("stockade.ingest").setLevel(logging.ERROR)
+    origin = Origin(via="import", user=os.environ.get("USER"))
+    progress = Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, disable=quiet or not err.is_terminal)
+    with progress:
+        task = progress.add_task("import", total=total)
+        last = ""
+        for label, item in _items(paths, settings.max_object_size):
+            top = label.split("!", 1)[0]
+            if top != last:
+                progress.advance(task)
+                last = top
+            if isinstance(item, StockadeError):
+                rejected.append((label, item.reason))
+                continue
+            try:
+                result = archive.store_file(item, origin)
+            except StockadeError as exc:
+                rejected.append((label, exc.reason))
+                continue
+            tally[result.outcome.value] += 1
+    for label, reason in rejected:
+        err.print(f"rejected {label}: {reason}", markup=False)
+    out.print(f"stored {tally['stored'] + tally['replaced']}, duplicate {tally['duplicate']}, "
+              f"rejected {len(rejected)}")
+    return 1 if rejected else 0
+
+
+# -- verify, nodes -----------------------------------------------------------------------
+
+
+def _verify(archive: Archive) -> int:
+    total = archive.counts()["instances"]
+    progress = Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, disable=not err.is_terminal)
+    with progress:
+        task = progress.add_task("verify", total=total)
+        report = archive.verify(lambda n: progress.advance(task, n))
+    for problem in report.problems:
+        err.print(f"problem: {problem}", markup=False)
+    out.print(f"verified {report.checked} instances: "
+              + ("all intact" if report.ok else f"{len(report.problems)} problem(s)"))
+    return 0 if report.ok else 1
+
+
+def _node(archive: Archive, args: argparse.Namespace) -> int:
+    if args.node_command == "add":
+        allow = frozenset(a.strip() for a in args.allow.split(",") if a.strip())
+        node = archive.add_node(args.name, args.ae, args.host, args.port, allow)
+        out.print(f"added node {node.name}: {node.ae_title} at {node.host}:{node.port} "
+                  f"allowed {','.join(sorted(node.allow)) or 'nothing'}", markup=False)
+        return 0
+    if args.node_command == "remove":
+        if archive.remove_node(args.name):
+            out.print(f"removed node {args.name}", markup=False)
+            return 0
+        err.print(f"stockade: no node named {args.name!r}", markup=False)
+        return 1
+    for node in archive.nodes():
+        out.print(f"{node.name}\t{node.ae_title}\t{node.host}\t{node.port}\t"
+                  f"{','.join(sorted(node.allow))}", markup=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""One DIMSE association, acceptor side (PS3.8 section 9, state machine of PS3.8 9.2).
+
+Association negotiation reuses pynetdicom's PDU codecs and presentation context negotiation.
+The data phase is Stockade's own blocking loop: each P-DATA-TF PDU is read straight into a
+reusable buffer and its PDVs are appended to the message being assembled (one copy), with no
+polling threads between the socket and the handler. Every bound is checked before allocation:
+PDU lengths against what we announced, command sets against 64 KiB, data sets against
+``max_object_size`` (the excess is drained and answered with a failure status).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from stockade.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from stockade.dimse import commands
+from stockade.dimse.commands import Tag
+from stockade.errors import InvalidObject, NotAuthorized, ObjectTooLarge
+
+log = logging.getLogger(__name__)
+
+# PDU types (PS3.8 9.3.1)
+ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
+P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
+#: Bound on PDUs other than P-DATA-TF (an A-ASSOCIATE-RQ with 128 contexts is ~20 KiB).
+MAX_CONTROL_PDU = 1024 * 1024
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+# A-ABORT reasons, source "service provider" (PS3.8 9.3.8)
+ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
+
+
+class _Closed(Exception):
+    """The peer closed, aborted, or broke the protocol: end the association."""
+
+
+@dataclass
+class Message:
+    """One DIMSE message as received."""
+
+    context_id: int
+    command: dict[int, int | str]
+    dataset: bytearray | None
+    transfer_syntax: str
+    abstract_syntax: str
+    too_large: int = 0  # bytes dropped when the data set passed max_object_size
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-association limits, from settings."""
+
+    max_pdu: int
+    max_object: int
+    idle_timeout: float
+    acse_timeout: float
+
+
+Admit = Callable[[str, str, str], Any]  # (calling AE, called AE, address) -> peer
+
+
+class Association:
+    """Serves one TCP connection from association request to release or abort."""
+
+    def __init__(self, sock: socket.socket, address: str, ae_title: str,
+                 contexts: list[PresentationContext], limits: Limits) -> None:
+        self.sock = sock
+        self.address = address
+        self.ae_title = ae_title
+        self.supported = contexts
+        self.limits = limits
+        self.accepted: dict[int, PresentationContext] = {}
+        self.peer_max_pdu = 0
+        self.calling_ae = ""
+        self.buffer = bytearray(limits.max_pdu)
+        self.view = memoryview(self.buffer)
+
+    # -- socket I/O ------------------------------------------------------------------------
+
+    def _read_exact(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise _Closed("peer closed the connection")
+            got += n
+
+    def _read_pdu(self) -> tuple[int, memoryview]:
+        header = bytearray(6)
+        self._read_exact(memoryview(header))
+        pdu_type, _reserved, length = struct.unpack(">BBL", header)
+        if pdu_type == P_DATA_TF:
+            if length > self.limits.max_pdu:
+                self.abort(ABORT_INVALID_PARAMETER)
+                raise _Closed(f"P-DATA-TF of {length} bytes exceeds the announced maximum "
+                              f"{self.limits.max_pdu} (PS3.8 D.1)")
+            body = self.view[:length]
+        elif pdu_type in (ASSOCIATE_RQ, RELEASE_RQ, RELEASE_RP, ABORT, ASSOCIATE_AC,
+                          ASSOCIATE_RJ):
+            if length > MAX_CONTROL_PDU:
+                self.abort(ABORT_INVALID_PARAMETER)
+                raise _Closed(f"PDU type {pdu_type:#04x} of {length} bytes is too long")
+            body = memoryview(bytearray(length))
+        else:
+            self.abort(ABORT_UNRECOGNIZED_PDU)
+            raise _Closed(f"unrecognised PDU type {pdu_type:#04x}")
+        self._read_exact(body)
+        return pdu_type, body
+
+    def _send(self, data: bytes | bytearray) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise _Closed(f"send failed: {exc}") from None
+
+    def abort(self, reason: int = 0, source: int = 0x02) -> None:
+        """Send an A-ABORT (PS3.8 9.3.8); errors are ignored, the connection is ending."""
+        try:
+            self.sock.sendall(struct.pack(">BBLBBBB", ABORT, 0, 4, 0, 0, source, reason))
+        except OSError:
+            pass
+
+    def reject(self, result: int, source: int, reason: int) -> None:
+        """Send an A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
+        try:
+            self.sock.sendall(struct.pack(">BBLBBBB", ASSOCIATE_RJ, 0, 4, 0, result, source,
+                                          reason))
+        except OSError:
+            pass
+
+    # -- negotiation -----------------------------------------------------------------------
+
+    def negotiate(self, admit: Admit, full: bool) -> Any:
+        """Read the A-ASSOCIATE-RQ and accept or reject it; return the admitted peer."""
+        self.sock.settimeout(self.limits.acse_timeout)
+        try:
+            pdu_type, body = self._read_pdu()
+        except TimeoutError:
+            raise _Closed("no association request within the ACSE timeout") from None
+        if pdu_type != ASSOCIATE_RQ:
+            self.abort(ABORT_UNEXPECTED_PDU)
+            raise _Closed(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}")
+        pdu = A_ASSOCIATE_RQ()
+        try:
+            pdu.decode(struct.pack(">BBL", ASSOCIATE_RQ, 0, len(body)) + bytes(body))
+            request = pdu.to_primitive()
+            calling = str(request.calling_ae_title or "")
+            called = str(request.called_ae_title or "")
+        except Exception as exc:  # noqa: BLE001 - third-party decoder on hostile bytes
+            self.abort(ABORT_INVALID_PARAMETER)
+            raise _Closed(f"undecodable A-ASSOCIATE-RQ: {exc.__class__.__name__}") from None
+        self.calling_ae = calling.strip()
+        if str(request.application_context_name) != APPLICATION_CONTEXT:
+            self.reject(0x01, 0x01, 0x02)
+            raise _Closed("unsupported application context")
+        if full:
+            self.reject(0x02, 0x03, 0x02)  # transient, provider (presentation), local limit
+            raise _Closed("too many associations (setting max_associations)")
+        try:
+            peer = admit(calling, called, self.address)
+        except NotAuthorized as exc:
+            diagnostic = 0x07 if exc.reason.startswith("called AE") else 0x03
+            self.reject(0x01, 0x01, diagnostic)
+            raise _Closed(exc.reason) from None
+
+        roles: dict[str, tuple[bool, bool]] = {}
+        for item in request.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = int(item.maximum_length_received or 0)
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+                roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
+        results, role_items = negotiate_as_acceptor(
+            request.presentation_context_definition_list, self.supported, roles or None)
+        for cx in results:
+            if cx.result == 0x00:
+                self.accepted[int(cx.context_id)] = cx
+
+        reply = A_ASSOCIATE()
+        reply.application_context_name = APPLICATION_CONTEXT
+        reply.calling_ae_title = request.calling_ae_title
+        reply.called_ae_title = request.called_ae_title
+        reply.result = 0x00
+        reply.result_source = 0x01
+        reply.presentation_context_definition_results_list = results
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.limits.max_pdu
+        impl_uid = ImplementationClassUIDNotification()
+        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        impl_name = ImplementationVersionNameNotification()
+        impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        reply.user_information = [max_length, impl_uid, impl_name, *role_items]
+        ac = A_ASSOCIATE_AC()
+        ac.from_primitive(reply)
+        self._send(ac.encode())
+        return peer
+
+    # -- data transfer ---------------------------------------------------------------------
+
+    def messages(self) -> Any:
+        """Yield complete DIMSE messages until the peer releases or aborts."""
+        self.sock.settimeout(self.limits.idle_timeout)
+        command = bytearray()
+        dataset: bytearray | None = None
+        current: dict[int, int | str] | None = None
+        context_id = -1
+        dropped = 0
+        while True:
+            try:
+                pdu_type, body = self._read_pdu()
+            except TimeoutError:
+                self.abort()
+                raise _Closed("association idle past dicom_idle_timeout") from None
+            if pdu_type == RELEASE_RQ:
+                self._send(struct.pack(">BBLL", RELEASE_RP, 0, 4, 0))
+                return
+            if pdu_type == ABORT:
+                raise _Closed("peer aborted")
+            if pdu_type != P_DATA_TF:
+                self.abort(ABORT_UNEXPECTED_PDU)
+                raise _Closed(f"unexpected PDU type {pdu_type:#04x} during data transfer")
+            pos, end = 0, len(body)
+            while pos < end:
+                if end - pos < 6:
+                    self.abort(ABORT_INVALID_PARAMETER)
+                    raise _Closed("truncated PDV item (PS3.8 9.3.5.1)")
+                (item_length,) = struct.unpack_from(">L", body, pos)
+                cx, header = body[pos + 4], body[pos + 5]
+                start, stop = pos + 6, pos + 4 + item_length
+                if item_length < 2 or stop > end:
+                    self.abort(ABORT_INVALID_PARAMETER)
+                    raise _Closed("PDV item length exceeds its PDU (PS3.8 9.3.5.1)")
+                if cx not in self.accepted or (context_id >= 0 and cx != context_id):
+                    self.abort(ABORT_INVALID_PARAMETER)
+                    raise _Closed(f"PDV on presentation context {cx}, which is not accepted "
+                                  "or not the one of the message in progress")
+                context_id = cx
+                is_command, is_last = header & 0x01, header & 0x02
+                if is_command:
+                    if current is not None or len(command) + stop - start > (
+                            commands.MAX_COMMAND_LENGTH):
+                        self.abort(ABORT_INVALID_PARAMETER)
+                        raise _Closed("command fragment out of sequence or too long")
+                    command += body[start:stop]
+                    if is_last:
+                        try:
+                            current = commands.decode(command)
+                        except InvalidObject as exc:
+                            self.abort(ABORT_INVALID_PARAMETER)
+                            raise _Closed(exc.reason) from None
+                        command = bytearray()
+                        if current.get(Tag.COMMAND_DATA_SET_TYPE) == commands.NO_DATASET:
+                            yield self._message(context_id, current, None, 0)
+                            current, context_id = None, -1
+                        else:
+                            dataset, dropped = bytearray(), 0
+                else:
+                    if current is None or dataset is None:
+                        self.abort(ABORT_UNEXPECTED_PDU)
+                        raise _Closed("data set fragment before its command")
+                    if dropped or len(dataset) + stop - start > self.limits.max_object:
+                        dropped += len(dataset) + stop - start
+                        dataset = bytearray()  # drain, keep memory flat
+                    else:
+                        dataset += body[start:stop]
+                    if is_last:
+                        yield self._message(context_id, current, dataset, dropped)
+                        current, dataset, context_id = None, None, -1
+                pos = stop
+
+    def _message(self, cx: int, command: dict[int, int | str], dataset: bytearray | None,
+                 dropped: int) -> Message:
+        context = self.accepted[cx]
+        return Message(cx, command, dataset, str(context.transfer_syntax[0]),
+                       str(context.abstract_syntax), dropped)
+
+    def send_command(self, context_id: int, elements: list[tuple[int, int | str]]) -> None:
+        """Send a command-only message (a response) in one P-DATA-TF PDU."""
+        data = commands.encode(elements)
+        if self.peer_max_pdu and len(data) + 6 > self.peer_max_pdu:
+            raise ObjectTooLarge("peer's maximum PDU is too small for a response")
+        pdv = struct.pack(">LBB", len(data) + 2, context_id, 0x03) + data
+        self._send(struct.pack(">BBL", P_DATA_TF, 0, len(pdv)) + pdv)

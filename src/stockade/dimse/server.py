@@ -1,0 +1,183 @@
+"""The DIMSE listener: accepts connections, runs associations, answers C-ECHO and C-STORE.
+
+This module is the one place where core errors become DIMSE statuses (architecture: "one
+error tree ... exactly two places translate"). Several worker processes may share one
+listening socket (see :mod:`stockade.dimse.workers`); each runs a :class:`DimseServer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+from pynetdicom.presentation import PresentationContext
+
+from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
+from stockade.dicom.uids import uid_problem
+from stockade.dimse.association import Association, Limits, Message, _Closed
+from stockade.dimse.commands import Command, Tag, error_comment
+from stockade.errors import InvalidAttribute, ObjectTooLarge, StockadeError
+
+if TYPE_CHECKING:
+    from stockade.archive import Archive, Peer
+    from stockade.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 Annex C
+PROCESSING_FAILURE = 0x0110
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Verification plus every storage SOP class, each with every stored transfer syntax."""
+    syntaxes = [ts.uid for ts in TRANSFER_SYNTAXES]
+    out = []
+    for uid in (VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLASSES):
+        cx = PresentationContext()
+        cx.abstract_syntax = uid
+        cx.transfer_syntax = (
+            syntaxes if uid != VERIFICATION_SOP_CLASS else ["1.2.840.10008.1.2.1",
+                                                            "1.2.840.10008.1.2"])
+        out.append(cx)
+    return out
+
+
+class DimseServer:
+    """Accepts associations on a listening socket; one thread per association."""
+
+    def __init__(self, settings: Settings, archive: Archive, listener: socket.socket) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.listener = listener
+        self.contexts = supported_contexts()
+        self.limits = Limits(
+            max_pdu=settings.max_pdu_size, max_object=settings.max_object_size,
+            idle_timeout=settings.dicom_idle_timeout,
+            acse_timeout=settings.dicom_acse_timeout)
+        self._active = 0
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._stopping = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Accept connections until :meth:`stop` is called."""
+        while not self._stopping.is_set():
+            try:
+                conn, addr = self.listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    break
+                raise
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            thread = threading.Thread(target=self._run, args=(conn, str(addr[0])),
+                                      name=f"assoc-{addr[0]}:{addr[1]}", daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; wait up to *grace* seconds for running associations."""
+        self._stopping.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(grace)
+
+    def _run(self, conn: socket.socket, address: str) -> None:
+        with self._lock:
+            self._active += 1
+            full = self._active > self.settings.max_associations
+        assoc = Association(conn, address, self.settings.dicom_ae_title, self.contexts,
+                            self.limits)
+        try:
+            peer = assoc.negotiate(self.archive.admit, full)
+            log.info("association from %s (%s) accepted", assoc.calling_ae, address)
+            for message in assoc.messages():
+                self._dispatch(assoc, peer, message)
+            log.info("association from %s (%s) released", assoc.calling_ae, address)
+        except _Closed as exc:
+            log.info("association from %s (%s) ended: %s", assoc.calling_ae or "?", address,
+                     exc)
+        except OSError as exc:
+            log.info("association from %s ended by network error: %s", address, exc)
+        finally:
+            conn.close()
+            with self._lock:
+                self._active -= 1
+                self._threads.discard(threading.current_thread())
+
+    def _dispatch(self, assoc: Association, peer: Peer, message: Message) -> None:
+        field = message.command.get(Tag.COMMAND_FIELD)
+        message_id = message.command.get(Tag.MESSAGE_ID, 0)
+        if field == Command.C_ECHO_RQ:
+            status, comment = SUCCESS, None
+            try:
+                peer.check("echo")
+            except StockadeError as exc:
+                status, comment = exc.dimse_status, exc.reason
+            self._respond(assoc, message, Command.C_ECHO_RSP, message_id, status, comment)
+        elif field == Command.C_STORE_RQ:
+            status, comment = self._store(peer, message)
+            self._respond(assoc, message, Command.C_STORE_RSP, message_id, status, comment,
+                          instance=True)
+        else:
+            log.warning("unsupported DIMSE command %r from %s", field, assoc.calling_ae)
+            response = (int(field) | 0x8000) if isinstance(field, int) else 0x8000
+            self._respond(assoc, message, response, message_id, UNRECOGNIZED_OPERATION,
+                          "operation not supported")
+
+    def _store(self, peer: Peer, message: Message) -> tuple[int, str | None]:
+        """Run a C-STORE through the archive; map the outcome to a status (PS3.4 B.2.3)."""
+        cmd = message.command
+        sop_class = str(cmd.get(Tag.AFFECTED_SOP_CLASS_UID, ""))
+        sop_instance = str(cmd.get(Tag.AFFECTED_SOP_INSTANCE_UID, ""))
+        try:
+            if message.too_large:
+                raise ObjectTooLarge(f"data set exceeds max_object_size "
+                                     f"({self.settings.max_object_size} bytes)")
+            for name, value in (("Affected SOP Class UID", sop_class),
+                                ("Affected SOP Instance UID", sop_instance)):
+                problem = uid_problem(value)
+                if problem:
+                    raise InvalidAttribute(f"{name} {problem}")
+            if sop_class != message.abstract_syntax:
+                raise InvalidAttribute("Affected SOP Class UID differs from the presentation "
+                                       "context's abstract syntax")
+            self.archive.store_dimse(
+                message.dataset or b"", message.transfer_syntax, sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance, peer=peer)
+        except StockadeError as exc:
+            log.warning("C-STORE from %s refused: %s", peer.ae_title, exc.reason)
+            return exc.dimse_status, exc.reason
+        except Exception:  # the adapter boundary: a bug must not kill the association
+            log.exception("C-STORE from %s failed", peer.ae_title)
+            return PROCESSING_FAILURE, "internal error while storing; see the server log"
+        return SUCCESS, None
+
+    def _respond(self, assoc: Association, message: Message, field: int, message_id: object,
+                 status: int, comment: str | None, *, instance: bool = False) -> None:
+        cmd = message.command
+        elements: list[tuple[int, int | str]] = [
+            (Tag.COMMAND_FIELD, field),
+            (Tag.MESSAGE_ID_BEING_RESPONDED_TO, int(message_id) if isinstance(message_id, int)
+             else 0),
+            (Tag.COMMAND_DATA_SET_TYPE, 0x0101),
+            (Tag.STATUS, status),
+        ]
+        sop_class = cmd.get(Tag.AFFECTED_SOP_CLASS_UID)
+        if sop_class is not None:
+            elements.append((Tag.AFFECTED_SOP_CLASS_UID, str(sop_class)[:64]))
+        if instance and cmd.get(Tag.AFFECTED_SOP_INSTANCE_UID) is not None:
+            elements.append((Tag.AFFECTED_SOP_INSTANCE_UID,
+                             str(cmd[Tag.AFFECTED_SOP_INSTANCE_UID])[:64]))
+        if comment and status != SUCCESS:
+            elements.append((Tag.ERROR_COMMENT, error_comment(comment)))
+        assoc.send_command(message.context_id, elements)

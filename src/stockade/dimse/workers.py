@@ -1,0 +1,159 @@
+"""Worker processes sharing one DIMSE listening socket.
+
+One Python process runs on one core. The parent binds the listening socket once and starts
+``dicom_workers`` child processes that inherit it (``pass_fds``); the kernel hands each new
+connection to one of the processes blocked in ``accept``, so concurrent associations spread
+over the cores. The parent restarts a worker that dies and stops them all on SIGTERM/SIGINT.
+With a single worker the parent serves itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from stockade.app import build_archive, configure_logging
+from stockade.dimse.server import DimseServer
+from stockade.errors import ConfigError
+from stockade.settings import Settings, load
+
+log = logging.getLogger(__name__)
+
+
+def bind_listener(settings: Settings) -> socket.socket:
+    """Bind and listen on the DIMSE address (Nagle off on accepted sockets, see server)."""
+    family = socket.AF_INET6 if ":" in settings.dicom_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.dicom_host, settings.dicom_port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {settings.dicom_host}:{settings.dicom_port}: "
+                          f"{exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def serve_in_process(settings: Settings, listener: socket.socket) -> None:
+    """Run one DIMSE server in this process until SIGTERM or SIGINT."""
+    archive = build_archive(settings)
+    server = DimseServer(settings, archive, listener)
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    thread.start()
+    try:
+        while not stop.wait(0.5):
+            if not thread.is_alive():
+                break
+    finally:
+        server.stop()
+        archive.close()
+
+
+def serve(settings: Settings, config_file: Path | None) -> int:
+    """Prepare the archive, bind the listener and run the workers; return an exit code."""
+    archive = build_archive(settings)
+    try:
+        archive.prepare()
+    finally:
+        archive.close()
+    listener = bind_listener(settings)
+    workers = settings.worker_count
+    log.info("Stockade DIMSE listening on %s:%d as %s (%d worker%s), data in %s",
+             settings.dicom_host, settings.dicom_port, settings.dicom_ae_title, workers,
+             "" if workers == 1 else "s", settings.data_dir.resolve())
+    audit = build_archive(settings)
+    audit.started("dimse")
+    try:
+        if workers == 1:
+            serve_in_process(settings, listener)
+            return 0
+        return _supervise(settings, config_file, listener, workers)
+    finally:
+        audit.stopped("dimse")
+        audit.close()
+
+
+def _spawn(config_file: Path | None, fd: int) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "stockade.dimse.workers", "--fd", str(fd)]
+    if config_file is not None:
+        args += ["--config", str(config_file)]
+    return subprocess.Popen(args, pass_fds=(fd,))
+
+
+def _supervise(settings: Settings, config_file: Path | None, listener: socket.socket,
+               count: int) -> int:
+    fd = listener.fileno()
+    children = [_spawn(config_file, fd) for _ in range(count)]
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    restarts: list[float] = []
+    try:
+        while True:
+            time.sleep(0.5)
+            for i, child in enumerate(children):
+                code = child.poll()
+                if code is None:
+                    continue
+                log.error("DIMSE worker %d exited with code %s; restarting", child.pid, code)
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > 10:
+                    log.critical("workers keep dying; stopping")
+                    return 1
+                children[i] = _spawn(config_file, fd)
+    except _Stop:
+        log.info("stopping DIMSE workers")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for child in children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        listener.close()
+    return 0
+
+
+def _worker_main() -> int:
+    parser = argparse.ArgumentParser(prog="stockade-dimse-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--config", type=Path)
+    args = parser.parse_args()
+    settings = load(args.config)
+    configure_logging(settings.log_level)
+    listener = socket.socket(fileno=args.fd)
+    serve_in_process(settings, listener)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())

@@ -1,0 +1,116 @@
+"""The index seam: what the archive asks of its database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """Everything the index keeps about one stored instance (and its parents)."""
+
+    attributes: dict[str, str | int | None]
+    sha256: str
+    blob_key: str
+    size: int
+    transfer_syntax: str
+    preamble: str
+    trailing_bytes: int
+    origin: str
+    sender_ae: str | None
+    sender_address: str | None
+    received_at: datetime
+
+    def get(self, keyword: str) -> str | int | None:
+        """An indexed attribute by keyword."""
+        return self.attributes.get(keyword)
+
+    def text(self, keyword: str) -> str | None:
+        """An indexed text attribute by keyword (None when absent)."""
+        value = self.attributes.get(keyword)
+        return None if value is None else str(value)
+
+
+class Outcome(StrEnum):
+    """What recording an instance did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The result of :meth:`Index.record`."""
+
+    outcome: Outcome
+    replaced_blob_key: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance as the index knows it (for verification and retrieval)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax: str
+    blob_key: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Node:
+    """A configured DICOM peer (a remote application entity)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    allow: frozenset[str] = field(default_factory=frozenset)
+
+
+class Index(Protocol):
+    """What the archive needs from its database."""
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest version."""
+
+    def record(self, record: InstanceRecord, *, allow_replace: bool) -> Recorded:
+        """Record an instance with its patient, study and series, in one transaction."""
+
+    def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
+        """The stored instance with this SOP Instance UID, if any."""
+
+    def is_blob_indexed(self, key: str) -> bool:
+        """True if an instance refers to this blob key."""
+
+    def instances(self) -> Iterator[StoredInstance]:
+        """Every stored instance (streamed)."""
+
+    def counts(self) -> dict[str, int]:
+        """Numbers of patients, studies, series and instances."""
+
+    def queued_deletions(self) -> list[str]:
+        """Blob keys whose deletion was decided but not yet done."""
+
+    def forget_deletion(self, key: str) -> None:
+        """Mark a queued blob deletion done."""
+
+    def add_node(self, node: Node) -> None:
+        """Add a DICOM peer; its name must be new."""
+
+    def remove_node(self, name: str) -> bool:
+        """Remove a DICOM peer; False if there was none by that name."""
+
+    def nodes(self) -> list[Node]:
+        """All configured DICOM peers."""
+
+    def close(self) -> None:
+        """Release connections."""

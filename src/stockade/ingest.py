@@ -1,0 +1,232 @@
+"""The one ingest pipeline: C-STORE, ``stockade import`` and (later) STOW-RS all come here.
+
+Steps, in order (architecture, "one ingest pipeline"):
+
+1. bounded parse: size cap, :func:`~stockade.dicom.parse.scan` (lengths, depth, element count);
+   deflated data sets are inflated with a cap, never in one go;
+2. sanitise: the stored copy gets a zero preamble and a fresh File Meta Information
+   (PS3.10 7.1, 7.5); the received preamble is classified and recorded; trailing bytes after
+   the data set are not stored;
+3. validate: UIDs per PS3.5 9.1, SOP class accepted, command/meta agree with the data set;
+4. stage the blob durably (tmp + fsync) under a key derived from its SHA-256;
+5. record it in the index in one transaction (the staged blob is dropped if that fails);
+6. publish the blob (rename + fsync);
+7. audit, and only then report success.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from stockade.audit.events import Actor, InstanceRejected, InstanceStored, SecurityAlert
+from stockade.audit.sink import AuditSink
+from stockade.dicom.attributes import WANTED_TAGS, extract
+from stockade.dicom.parse import Limits, scan
+from stockade.dicom.part10 import PreambleKind, classify_preamble, file_header, read_part10
+from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAX_BY_UID
+from stockade.dicom.uids import uid_problem
+from stockade.errors import (
+    DatasetMismatch,
+    InvalidAttribute,
+    InvalidObject,
+    ObjectTooLarge,
+    SOPClassNotSupported,
+    StockadeError,
+)
+from stockade.index.base import Index, InstanceRecord, Outcome
+from stockade.settings import Settings
+from stockade.storage.base import BlobStore
+
+log = logging.getLogger(__name__)
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an object came from (recorded on the instance and in the audit trail)."""
+
+    via: str  # dimse | import | stow
+    ae_title: str | None = None
+    address: str | None = None
+    user: str | None = None
+
+    def actor(self) -> Actor:
+        """The audit actor for this origin."""
+        return Actor(ae_title=self.ae_title, address=self.address, user=self.user, via=self.via)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What happened to one object."""
+
+    outcome: Outcome
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    warnings: tuple[str, ...] = ()
+
+
+def _inflate(data: Buffer, cap: int) -> tuple[bytes, int]:
+    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5) with a size cap.
+
+    Returns the inflated bytes and the number of bytes after the end of the deflate stream.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, cap + 1)
+    except zlib.error as exc:
+        raise InvalidObject(f"deflated data set does not inflate: {exc}") from None
+    if len(out) > cap:
+        raise ObjectTooLarge(f"deflated data set inflates past max_object_size ({cap} bytes)")
+    if not inflater.eof:
+        raise InvalidObject("deflated data set is truncated")
+    return out, len(inflater.unused_data)
+
+
+class Ingest:
+    """Runs objects through the pipeline into a blob store and an index."""
+
+    def __init__(self, settings: Settings, store: BlobStore, index: Index,
+                 audit: AuditSink) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.audit = audit
+        self.limits = Limits(max_depth=settings.max_nesting_depth,
+                             max_elements=settings.max_elements)
+
+    def from_dimse(
+        self, dataset: Buffer, transfer_syntax: str, *, sop_class_uid: str,
+        sop_instance_uid: str, origin: Origin,
+    ) -> StoreResult:
+        """Store a data set received by C-STORE (PS3.4 B.2): no preamble on the wire."""
+        return self._guarded(
+            lambda: self._ingest(dataset, transfer_syntax, PreambleKind.NONE,
+                                 sop_class_uid, sop_instance_uid, origin),
+            origin, sop_instance_uid)
+
+    def from_file(self, data: Buffer, origin: Origin) -> StoreResult:
+        """Store a DICOM Part 10 file (PS3.10 7.1) read from media, a folder or a ZIP."""
+
+        def run() -> StoreResult:
+            if len(data) > self.settings.max_object_size:
+                raise ObjectTooLarge(
+                    f"file of {len(data)} bytes exceeds max_object_size "
+                    f"({self.settings.max_object_size})")
+            part10 = read_part10(data)
+            return self._ingest(
+                memoryview(data)[part10.dataset_offset:], part10.transfer_syntax,
+                classify_preamble(part10.preamble), part10.media_sop_class_uid,
+                part10.media_sop_instance_uid, origin)
+
+        return self._guarded(run, origin, None)
+
+    def _guarded(self, run: object, origin: Origin, sop_uid: str | None) -> StoreResult:
+        try:
+            return run()  # type: ignore[operator,no-any-return]
+        except StockadeError as exc:
+            self.audit.emit(InstanceRejected(
+                actor=origin.actor(), outcome="failure", reason=exc.reason, code=exc.code,
+                sop_instance_uid=sop_uid if sop_uid and not uid_problem(sop_uid) else None))
+            raise
+
+    def _ingest(
+        self, dataset: Buffer, ts_uid: str, preamble: PreambleKind,
+        claimed_class: str | None, claimed_instance: str | None, origin: Origin,
+    ) -> StoreResult:
+        settings = self.settings
+        if len(dataset) > settings.max_object_size:
+            raise ObjectTooLarge(f"data set of {len(dataset)} bytes exceeds max_object_size "
+                                 f"({settings.max_object_size})")
+        ts = TRANSFER_SYNTAX_BY_UID.get(ts_uid)
+        if ts is None:
+            raise InvalidObject(f"transfer syntax {ts_uid[:64]} is not supported")
+        warnings: list[str] = []
+
+        # 1. bounded parse
+        stored: Buffer = dataset
+        parsed: Buffer = dataset
+        trailing = 0
+        if ts.deflated:
+            parsed, trailing = _inflate(dataset, settings.max_object_size)
+            if trailing:
+                stored = memoryview(dataset)[: len(dataset) - trailing]
+        found = scan(parsed, implicit_vr=ts.implicit_vr, little_endian=ts.little_endian,
+                     wanted=WANTED_TAGS, limits=self.limits)
+        if found.end < len(parsed):
+            extra = len(parsed) - found.end
+            if ts.deflated:
+                compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+                stored = compressor.compress(parsed[: found.end]) + compressor.flush()
+            else:
+                stored = memoryview(dataset)[: found.end]
+            trailing += extra
+        if trailing:
+            warnings.append(f"{trailing} bytes after the end of the data set were not stored")
+        attrs = extract(parsed, found.values, little_endian=ts.little_endian)
+
+        # 3. validate
+        for keyword, tag in (("SOPClassUID", "(0008,0016)"), ("SOPInstanceUID", "(0008,0018)"),
+                             ("StudyInstanceUID", "(0020,000D)"),
+                             ("SeriesInstanceUID", "(0020,000E)")):
+            problem = uid_problem(attrs.get(keyword))  # type: ignore[arg-type]
+            if problem:
+                raise InvalidAttribute(f"{keyword} {tag} {problem}")
+        sop_class = str(attrs["SOPClassUID"])
+        sop_instance = str(attrs["SOPInstanceUID"])
+        if sop_class not in STORAGE_SOP_CLASSES:
+            raise SOPClassNotSupported(f"SOP class {sop_class} is not a storage SOP class "
+                                       "this archive accepts")
+        if claimed_class is not None and claimed_class != sop_class:
+            raise DatasetMismatch(f"SOP Class UID {claimed_class[:64]} of the request differs "
+                                  f"from {sop_class} in the data set")
+        if claimed_instance is not None and claimed_instance != sop_instance:
+            raise DatasetMismatch(f"SOP Instance UID of the request differs from "
+                                  f"{sop_instance} in the data set")
+        if preamble not in (PreambleKind.NONE, PreambleKind.ZERO):
+            warnings.append(f"preamble classified {preamble.value} was replaced by zeros")
+
+        # 2 + 4. sanitised copy, staged durably
+        source_ae = origin.ae_title if origin.ae_title and len(origin.ae_title) <= 16 else None
+        header = file_header(sop_class, sop_instance, ts_uid, source_ae)
+        staged = self.store.stage((header, stored))
+        record = InstanceRecord(
+            attributes=attrs, sha256=staged.sha256, blob_key=staged.key, size=staged.size,
+            transfer_syntax=ts_uid, preamble=preamble.value, trailing_bytes=trailing,
+            origin=origin.via, sender_ae=source_ae, sender_address=origin.address,
+            received_at=datetime.now(UTC),
+        )
+        # 5. index, in one transaction; 6. publish
+        try:
+            recorded = self.index.record(record, allow_replace=settings.allow_replace)
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        if recorded.outcome is Outcome.DUPLICATE and self.store.exists(staged.key):
+            self.store.discard(staged)
+        else:
+            # Also for a duplicate whose blob is not published yet (its writer died or is
+            # still between its commit and its rename): our bytes are identical.
+            self.store.commit(staged)
+        if recorded.replaced_blob_key:
+            self.store.delete(recorded.replaced_blob_key)
+            self.index.forget_deletion(recorded.replaced_blob_key)
+
+        # 7. audit, then success
+        actor = origin.actor()
+        self.audit.emit(InstanceStored(
+            actor=actor, study_uid=str(attrs["StudyInstanceUID"]), sop_instance_uid=sop_instance,
+            sop_class_uid=sop_class, patient_id=record.text("PatientID"),
+            result=recorded.outcome.value, preamble=preamble.value))
+        if preamble in (PreambleKind.EXECUTABLE, PreambleKind.MARKUP):
+            self.audit.emit(SecurityAlert(
+                actor=actor, finding=f"{preamble.value}-preamble",
+                detail="Part 10 preamble held a non-DICOM header; stored with zeros",
+                sop_instance_uid=sop_instance))
+        if warnings:
+            log.warning("stored %s with warnings: %s", sop_instance, "; ".join(warnings))
+        return StoreResult(recorded.outcome, sop_instance, sop_class,
+                           str(attrs["StudyInstanceUID"]), tuple(warnings))

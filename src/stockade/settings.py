@@ -1,0 +1,279 @@
+"""The one settings object.
+
+Every setting is declared once in :data:`DECLARED` (name, type, default, help). They are loaded
+from built-in defaults, then an optional TOML file, then ``STOCKADE_<NAME>`` environment
+variables, validated, and frozen into a :class:`Settings`. The CLI help, ``docs/settings.md``
+(``stockade settings --markdown``) and the test that fails on an undocumented setting all read
+:data:`DECLARED`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from stockade.errors import ConfigError
+
+ENV_PREFIX = "STOCKADE_"
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """One declared setting."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets it."""
+        return ENV_PREFIX + self.name.upper()
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port from 1 to 65535"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than zero"
+
+
+def _non_negative(value: int) -> str | None:
+    return None if value >= 0 else "must be zero or more"
+
+
+def _ae_title(value: str) -> str | None:
+    # PS3.5 6.2, AE VR: at most 16 characters of the default repertoire, no backslash or
+    # control characters, not all spaces.
+    if not value.strip() or len(value) > 16:
+        return "must be 1 to 16 characters"
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in value):
+        return "must be printable ASCII without backslash"
+    return None
+
+
+def _host(value: str) -> str | None:
+    if not value or any(c.isspace() for c in value) or len(value) > 253:
+        return "must be an IP address or a host name"
+    return None
+
+
+def _pdu(value: int) -> str | None:
+    # PS3.8 9.3.1: the maximum length notified must leave room for the PDV header; we keep a
+    # floor that every peer handles and a ceiling that bounds per-association memory.
+    return None if 4 * KiB <= value <= 16 * MiB else "must be between 4096 and 16777216 bytes"
+
+
+def _log_level(value: str) -> str | None:
+    levels = {"DEBUG", "INFO", "WARNING", "ERROR"}
+    return None if value.upper() in levels else f"must be one of {sorted(levels)}"
+
+
+DECLARED: tuple[Declared, ...] = (
+    Declared("data_dir", Path, Path("./stockade-data"),
+             "Folder for stored objects, the embedded SQLite index and logs."),
+    Declared("database_url", str, "",
+             "SQLAlchemy URL of the index. Empty means SQLite in the data folder "
+             "(`sqlite:///<data_dir>/index.sqlite3`); PostgreSQL is "
+             "`postgresql+psycopg://user@host/db`."),
+    Declared("dicom_host", str, "127.0.0.1",
+             "Address the DIMSE listener binds to. Loopback unless you say otherwise.", _host),
+    Declared("dicom_port", int, 11112, "TCP port of the DIMSE listener.", _port),
+    Declared("dicom_ae_title", str, "STOCKADE", "AE title of the archive (called AE).",
+             _ae_title),
+    Declared("dicom_workers", int, 0,
+             "DIMSE worker processes sharing the listening socket; 0 means one per CPU core "
+             "(at most 8).", _non_negative),
+    Declared("max_associations", int, 32,
+             "Concurrent DIMSE associations per worker process; more are rejected "
+             "(transient, local limit exceeded).", _positive),
+    Declared("max_pdu_size", int, 256 * KiB,
+             "Maximum PDU length Stockade receives (PS3.8 D.1), announced to peers; a larger "
+             "PDU aborts the association.", _pdu),
+    Declared("dicom_idle_timeout", float, 60.0,
+             "Seconds an association may stay silent before it is aborted.", _positive),
+    Declared("dicom_acse_timeout", float, 30.0,
+             "Seconds a peer has to send its association request after connecting (ARTIM).",
+             _positive),
+    Declared("max_object_size", int, 1 * GiB,
+             "Largest DICOM object accepted, in bytes (data set as received, or file size).",
+             _positive),
+    Declared("max_nesting_depth", int, 32,
+             "Deepest sequence nesting accepted in a data set.", _positive),
+    Declared("max_elements", int, 500_000,
+             "Most data elements (nested ones included) accepted in one data set.", _positive),
+    Declared("allow_replace", bool, False,
+             "Let a different object replace a stored one with the same SOP Instance UID "
+             "(audited). Off: such an object is refused."),
+    Declared("http_host", str, "127.0.0.1",
+             "Address the HTTP (DICOMweb and UI) listener binds to.", _host),
+    Declared("http_port", int, 8080, "TCP port of the HTTP listener.", _port),
+    Declared("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", _log_level),
+)
+
+_BY_NAME = {d.name: d for d in DECLARED}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated, frozen settings. Build it with :func:`load`."""
+
+    data_dir: Path
+    database_url: str
+    dicom_host: str
+    dicom_port: int
+    dicom_ae_title: str
+    dicom_workers: int
+    max_associations: int
+    max_pdu_size: int
+    dicom_idle_timeout: float
+    dicom_acse_timeout: float
+    max_object_size: int
+    max_nesting_depth: int
+    max_elements: int
+    allow_replace: bool
+    http_host: str
+    http_port: int
+    log_level: str
+
+    @property
+    def index_url(self) -> str:
+        """The database URL in force (the SQLite default resolved against the data folder)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    @property
+    def worker_count(self) -> int:
+        """DIMSE worker processes to start."""
+        if self.dicom_workers:
+            return self.dicom_workers
+        return max(1, min(os.cpu_count() or 1, 8))
+
+    @property
+    def dicom_on_loopback(self) -> bool:
+        """True when the DIMSE listener only accepts connections from this machine."""
+        return is_loopback(self.dicom_host)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Setting values by name (for logs: none of them is a secret yet)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def is_loopback(host: str) -> bool:
+    """Return True if *host* names the loopback interface only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _convert(decl: Declared, raw: Any, source: str) -> Any:
+    try:
+        if decl.kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if decl.kind is int and isinstance(raw, bool):
+            raise ValueError(raw)
+        if decl.kind is int and isinstance(raw, str):
+            return int(raw.strip().replace("_", ""))
+        if decl.kind is float and isinstance(raw, bool):
+            raise ValueError(raw)
+        return decl.kind(raw)
+    except (TypeError, ValueError):
+        kind = decl.kind.__name__
+        raise ConfigError(f"setting {decl.name} from {source}: {raw!r} is not a {kind}") from None
+
+
+def load(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load, validate and freeze the settings.
+
+    Parameters
+    ----------
+    config_file : Path, optional
+        A TOML file with flat ``name = value`` pairs, names as in :data:`DECLARED`.
+    environ : Mapping, optional
+        Environment to read ``STOCKADE_*`` variables from (default ``os.environ``).
+    overrides : Mapping, optional
+        Values that win over everything (used by the CLI and tests).
+
+    Raises
+    ------
+    ConfigError
+        On an unknown name, a value of the wrong type, or a value that fails its check.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {d.name: d.default for d in DECLARED}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        for key, raw in data.items():
+            if key not in _BY_NAME:
+                raise ConfigError(f"unknown setting {key!r} in {config_file}")
+            values[key] = _convert(_BY_NAME[key], raw, str(config_file))
+    for decl in DECLARED:
+        if decl.env in env:
+            values[decl.name] = _convert(decl, env[decl.env], decl.env)
+    unknown_env = sorted(
+        k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in _BY_NAME
+        and not k.startswith(ENV_PREFIX + "TEST_")
+    )
+    if unknown_env:
+        raise ConfigError(f"unknown environment setting(s): {', '.join(unknown_env)}")
+    for key, raw in (overrides or {}).items():
+        if key not in _BY_NAME:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _convert(_BY_NAME[key], raw, "override")
+    for decl in DECLARED:
+        if decl.check is not None:
+            problem = decl.check(values[decl.name])
+            if problem:
+                raise ConfigError(f"setting {decl.name} = {values[decl.name]!r} {problem}")
+    return Settings(**values)
+
+
+def markdown() -> str:
+    """Render the settings reference (``docs/settings.md``) from :data:`DECLARED`."""
+    lines = [
+        "# Settings",
+        "",
+        "Generated by `stockade settings --markdown` from `src/stockade/settings.py`; a test",
+        "fails when this page and the code disagree.",
+        "",
+        "Each setting is read, in this order (later wins), from its default, from the TOML file",
+        "given with `--config` (flat `name = value` lines), and from the environment variable",
+        "`STOCKADE_<NAME>`. Unknown names are an error, so a typo never goes unnoticed.",
+        "",
+        "| name | environment variable | type | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for d in DECLARED:
+        default = d.default if not isinstance(d.default, bool) else str(d.default).lower()
+        shown = f"`{default}`" if str(default) != "" else "(empty)"
+        lines.append(f"| `{d.name}` | `{d.env}` | {d.kind.__name__} | {shown} | {d.help} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Blob storage: where stored objects' bytes live, behind the :class:`BlobStore` seam."""

@@ -1,0 +1,214 @@
+"""Blob store on a local filesystem.
+
+Layout under the data folder::
+
+    blobs/sha256/ab/cd/<sha256>        published objects (mode 0600)
+    staging/<pid>-<random>/            one per live process, locked with flock
+        .lock
+        <random>.tmp                   staged objects, fsynced before the index is touched
+
+Every path is built from the content hash or a random token, and checked to stay under the
+root (SR-12). Writes are tmp + fsync + rename + fsync of the directory (SR-18).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from stockade.errors import StorageFailure
+from stockade.storage.base import RecoveryReport, Staged, check_key, key_for
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemBlobStore:
+    """A :class:`~stockade.storage.base.BlobStore` on a local folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.blobs = self.root / "blobs"
+        self.staging_root = self.root / "staging"
+        for folder in (self.root, self.blobs, self.staging_root):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._area: Path | None = None
+        self._area_pid = -1
+        self._lock_fd = -1
+
+    # -- staging ---------------------------------------------------------------------------
+
+    def _staging_area(self) -> Path:
+        if self._area is not None and self._area_pid == os.getpid():
+            return self._area
+        area = self.staging_root / f"{os.getpid()}-{secrets.token_hex(4)}"
+        area.mkdir(mode=0o700)
+        fd = os.open(area / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _fsync_dir(self.staging_root)
+        self._area, self._area_pid, self._lock_fd = area, os.getpid(), fd
+        return area
+
+    def _staged_path(self, token: str) -> Path:
+        if len(token) != 32 or not all(c in "0123456789abcdef" for c in token):
+            raise ValueError("bad staging token")
+        return self._staging_area() / f"{token}.tmp"
+
+    def stage(self, parts: Iterable[bytes | bytearray | memoryview]) -> Staged:
+        """Write *parts* to a new staging file, fsync it and its folder, and hash it."""
+        token = secrets.token_hex(16)
+        path = self._staged_path(token)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                for part in parts:
+                    view = memoryview(part)
+                    digest.update(view)
+                    size += len(view)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise StorageFailure(f"cannot write to the blob store: {exc.strerror}") from None
+        return Staged(token=token, sha256=digest.hexdigest(), size=size)
+
+    def commit(self, staged: Staged) -> str:
+        """Move a staged blob to its published place and make the move durable."""
+        key = staged.key
+        target = self._path(key)
+        source = self._staged_path(staged.token)
+        try:
+            if not target.parent.is_dir():
+                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _fsync_dir(target.parent.parent)
+                _fsync_dir(target.parent.parent.parent)
+            os.replace(source, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageFailure(f"cannot publish a blob: {exc.strerror}") from None
+        return key
+
+    def discard(self, staged: Staged) -> None:
+        """Remove a staged blob."""
+        with contextlib.suppress(FileNotFoundError):
+            self._staged_path(staged.token).unlink()
+
+    # -- published blobs -------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        path = (self.blobs / check_key(key)).resolve()
+        if not path.is_relative_to(self.blobs):
+            raise ValueError("storage key escapes the blob folder")
+        return path
+
+    def open(self, key: str) -> BinaryIO:
+        """Open a published blob."""
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError:
+            raise StorageFailure(f"blob {key} is missing from the store") from None
+        except OSError as exc:
+            raise StorageFailure(f"cannot read blob {key}: {exc.strerror}") from None
+
+    def exists(self, key: str) -> bool:
+        """True if *key* is published."""
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        """Remove a published blob (missing is fine)."""
+        path = self._path(key)
+        try:
+            path.unlink()
+            _fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageFailure(f"cannot delete blob {key}: {exc.strerror}") from None
+
+    def keys(self) -> Iterator[str]:
+        """Every published key, in no particular order."""
+        base = self.blobs / "sha256"
+        if not base.is_dir():
+            return
+        for first in os.scandir(base):
+            if not first.is_dir(follow_symlinks=False):
+                continue
+            for second in os.scandir(first.path):
+                if not second.is_dir(follow_symlinks=False):
+                    continue
+                for entry in os.scandir(second.path):
+                    key = f"sha256/{first.name}/{second.name}/{entry.name}"
+                    with contextlib.suppress(ValueError):
+                        yield check_key(key)
+
+    # -- crash recovery --------------------------------------------------------------------
+
+    def recover(self, is_indexed: Callable[[str], bool]) -> RecoveryReport:
+        """Finish or discard what dead processes left in staging.
+
+        A staged blob whose key the index knows was acknowledged (or about to be) and is
+        published; any other staged blob never reached the index and is removed.
+        """
+        published = discarded = 0
+        for area in sorted(self.staging_root.iterdir()):
+            if area == self._area or not area.is_dir():
+                continue
+            try:
+                fd = os.open(area / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno in (errno.EAGAIN, errno.EACCES):
+                        continue  # its process is alive
+                    raise
+                for tmp in area.glob("*.tmp"):
+                    digest = hashlib.sha256()
+                    with tmp.open("rb") as fh:
+                        while chunk := fh.read(1 << 20):
+                            digest.update(chunk)
+                    key = key_for(digest.hexdigest())
+                    target = self._path(key)
+                    if is_indexed(key) and not target.exists():
+                        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                        os.replace(tmp, target)
+                        _fsync_dir(target.parent)
+                        published += 1
+                    else:
+                        tmp.unlink()
+                        discarded += 1
+            finally:
+                os.close(fd)
+            shutil.rmtree(area, ignore_errors=True)
+        return RecoveryReport(published=published, discarded=discarded)
+
+    def close(self) -> None:
+        """Release this process's staging area."""
+        if self._area is not None and self._area_pid == os.getpid():
+            shutil.rmtree(self._area, ignore_errors=True)
+            os.close(self._lock_fd)
+            self._area = None
+            self._lock_fd = -1
