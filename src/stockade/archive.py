@@ -137,12 +137,14 @@ class Archive:
     # -- storing ---------------------------------------------------------------------------
 
     def store_dimse(self, dataset: Buffer, transfer_syntax: str, *, sop_class_uid: str,
-                    sop_instance_uid: str, peer: Peer) -> StoreResult:
+                    sop_instance_uid: str, peer: Peer, abstract_syntax: str | None = None,
+                    dropped: int = 0) -> StoreResult:
         """Store a C-STORE data set (PS3.4 B.2.2) from an admitted peer."""
         peer.check("store")
         origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address)
         return self.ingest.from_dimse(dataset, transfer_syntax, sop_class_uid=sop_class_uid,
-                                      sop_instance_uid=sop_instance_uid, origin=origin)
+                                      sop_instance_uid=sop_instance_uid, origin=origin,
+                                      abstract_syntax=abstract_syntax, dropped=dropped)
 
     def store_file(self, data: Buffer, origin: Origin) -> StoreResult:
         """Store a Part 10 file (import, and later upload and STOW-RS)."""

@@ -31,8 +31,8 @@ from stockade.settings import DECLARED, Settings, load, markdown
 MAX_ZIP_ENTRIES = 100_000
 ZIP_MAGIC = b"PK\x03\x04"
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 
 def _parser() -> argparse.ArgumentParser:

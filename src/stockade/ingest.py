@@ -83,7 +83,9 @@ def _inflate(data: Buffer, cap: int) -> tuple[bytes, int]:
         raise ObjectTooLarge(f"deflated data set inflates past max_object_size ({cap} bytes)")
     if not inflater.eof:
         raise InvalidObject("deflated data set is truncated")
-    return out, len(inflater.unused_data)
+    unused = inflater.unused_data
+    # One NUL may pad the deflated stream to an even length (PS3.5 A.5): not trailing data.
+    return out, 0 if unused == b"\x00" else len(unused)
 
 
 class Ingest:
@@ -100,13 +102,31 @@ class Ingest:
 
     def from_dimse(
         self, dataset: Buffer, transfer_syntax: str, *, sop_class_uid: str,
-        sop_instance_uid: str, origin: Origin,
+        sop_instance_uid: str, origin: Origin, abstract_syntax: str | None = None,
+        dropped: int = 0,
     ) -> StoreResult:
-        """Store a data set received by C-STORE (PS3.4 B.2): no preamble on the wire."""
-        return self._guarded(
-            lambda: self._ingest(dataset, transfer_syntax, PreambleKind.NONE,
-                                 sop_class_uid, sop_instance_uid, origin),
-            origin, sop_instance_uid)
+        """Store a data set received by C-STORE (PS3.4 B.2): no preamble on the wire.
+
+        *dropped* is the number of bytes the adapter discarded because the data set passed
+        ``max_object_size``; *abstract_syntax* is that of the presentation context used.
+        """
+
+        def run() -> StoreResult:
+            if dropped:
+                raise ObjectTooLarge(f"data set exceeds max_object_size "
+                                     f"({self.settings.max_object_size} bytes)")
+            for name, value in (("Affected SOP Class UID", sop_class_uid),
+                                ("Affected SOP Instance UID", sop_instance_uid)):
+                problem = uid_problem(value)
+                if problem:
+                    raise InvalidAttribute(f"{name} {problem}")
+            if abstract_syntax is not None and sop_class_uid != abstract_syntax:
+                raise InvalidAttribute("Affected SOP Class UID differs from the presentation "
+                                       "context's abstract syntax (PS3.4 B.2.2)")
+            return self._ingest(dataset, transfer_syntax, PreambleKind.NONE, sop_class_uid,
+                                sop_instance_uid, origin)
+
+        return self._guarded(run, origin, sop_instance_uid)
 
     def from_file(self, data: Buffer, origin: Origin) -> StoreResult:
         """Store a DICOM Part 10 file (PS3.10 7.1) read from media, a folder or a ZIP."""

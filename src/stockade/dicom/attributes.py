@@ -117,7 +117,10 @@ def extract(
         attr = BY_TAG.get(tag)
         if attr is None:
             continue
-        raw = bytes(buf[start : min(end, start + 4 * attr.max_chars + 16)])
+        # UIDs are kept whole so that validation sees exactly what was sent (PS3.5 9.1);
+        # other values are read up to a bound and clipped to their column.
+        limit = end if attr.vr == "UI" else min(end, start + 4 * attr.max_chars + 16)
+        raw = bytes(buf[start:limit])
         if attr.vr == "US":
             out[attr.keyword] = (
                 struct.unpack("<H" if little_endian else ">H", raw[:2])[0]
@@ -130,6 +133,8 @@ def extract(
             text = _decode_text(raw, encodings, attr.vr).strip(" \x00")
         if attr.vr == "IS":
             out[attr.keyword] = _integer(text.split("\\")[0]) if text else None
+        elif attr.vr == "UI":
+            out[attr.keyword] = text or None
         else:
             out[attr.keyword] = text[: attr.max_chars] if text else None
     return out

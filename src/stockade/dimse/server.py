@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 from pynetdicom.presentation import PresentationContext
 
 from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
-from stockade.dicom.uids import uid_problem
 from stockade.dimse.association import Association, Limits, Message, _Closed
 from stockade.dimse.commands import Command, Tag, error_comment
-from stockade.errors import InvalidAttribute, ObjectTooLarge, StockadeError
+from stockade.errors import StockadeError
 
 if TYPE_CHECKING:
     from stockade.archive import Archive, Peer
@@ -140,20 +139,10 @@ class DimseServer:
         sop_class = str(cmd.get(Tag.AFFECTED_SOP_CLASS_UID, ""))
         sop_instance = str(cmd.get(Tag.AFFECTED_SOP_INSTANCE_UID, ""))
         try:
-            if message.too_large:
-                raise ObjectTooLarge(f"data set exceeds max_object_size "
-                                     f"({self.settings.max_object_size} bytes)")
-            for name, value in (("Affected SOP Class UID", sop_class),
-                                ("Affected SOP Instance UID", sop_instance)):
-                problem = uid_problem(value)
-                if problem:
-                    raise InvalidAttribute(f"{name} {problem}")
-            if sop_class != message.abstract_syntax:
-                raise InvalidAttribute("Affected SOP Class UID differs from the presentation "
-                                       "context's abstract syntax")
             self.archive.store_dimse(
                 message.dataset or b"", message.transfer_syntax, sop_class_uid=sop_class,
-                sop_instance_uid=sop_instance, peer=peer)
+                sop_instance_uid=sop_instance, peer=peer,
+                abstract_syntax=message.abstract_syntax, dropped=message.too_large)
         except StockadeError as exc:
             log.warning("C-STORE from %s refused: %s", peer.ae_title, exc.reason)
             return exc.dimse_status, exc.reason

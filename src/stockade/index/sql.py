@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
@@ -73,6 +73,7 @@ class SqlIndex:
         self.url = url
         self.engine = make_engine(url)
         self._insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        self._statements()
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -121,24 +122,53 @@ class SqlIndex:
                                    f"({exc.__class__.__name__})") from None
         raise IndexFailure("the index kept refusing the instance")  # pragma: no cover
 
-    def _upsert_id(self, conn: Connection, table: Any, match: dict[str, Any],
-                   values: dict[str, Any]) -> tuple[int, bool]:
-        where = [table.c[k] == v for k, v in match.items()]
-        row = conn.execute(select(table.c.id).where(*where)).first()
+    def _statements(self) -> None:
+        """Build every write statement once: SQLAlchemy then reuses their compiled form."""
+        ins = self._insert
+        self._sel_instance = select(
+            instances.c.id, instances.c.sha256, instances.c.blob_key, instances.c.series_pk
+        ).where(instances.c.sop_uid == bindparam("b_sop_uid"))
+        self._sel_patient = select(patients.c.id).where(
+            patients.c.patient_id == bindparam("b_patient_id"),
+            patients.c.issuer == bindparam("b_issuer"))
+        self._sel_study = select(studies.c.id, studies.c.patient_pk).where(
+            studies.c.study_uid == bindparam("b_study_uid"))
+        self._sel_series = select(series.c.id, series.c.study_pk).where(
+            series.c.series_uid == bindparam("b_series_uid"))
+        self._ins_patient = ins(patients).on_conflict_do_nothing()
+        self._ins_study = ins(studies).on_conflict_do_nothing()
+        self._ins_series = ins(series).on_conflict_do_nothing()
+        self._ins_instance = instances.insert()
+        self._upd_instance = update(instances).where(instances.c.id == bindparam("b_pk"))
+        self._upd_series = update(series).where(series.c.id == bindparam("b_pk")).values(
+            num_instances=series.c.num_instances + 1)
+        self._upd_study = update(studies).where(studies.c.id == bindparam("b_pk")).values(
+            num_instances=studies.c.num_instances + bindparam("b_new_instance"),
+            num_series=studies.c.num_series + bindparam("b_new_series"),
+            updated_at=bindparam("b_now"))
+        self._sel_modalities = select(series.c.modality).where(
+            series.c.study_pk == bindparam("b_pk"), series.c.modality.is_not(None)).distinct()
+        self._upd_modalities = update(studies).where(studies.c.id == bindparam("b_pk")).values(
+            modalities=bindparam("b_modalities"))
+        self._upd_patient = update(patients).where(patients.c.id == bindparam("b_pk")).values(
+            num_studies=patients.c.num_studies + 1)
+        self._count_blob = select(func.count()).select_from(instances).where(
+            instances.c.blob_key == bindparam("b_key"))
+        self._queue_deletion = ins(blob_deletions).on_conflict_do_nothing()
+
+    def _find_or_insert(self, conn: Connection, find: Any, params: dict[str, Any],
+                        insert_stmt: Any, values: dict[str, Any]) -> tuple[Any, bool]:
+        row = conn.execute(find, params).first()
         if row is not None:
-            return int(row[0]), False
-        stmt = self._insert(table).values(**match, **values).on_conflict_do_nothing()
-        created = conn.execute(stmt).rowcount == 1
-        row = conn.execute(select(table.c.id).where(*where)).one()
-        return int(row[0]), created
+            return row, False
+        created = conn.execute(insert_stmt, values).rowcount == 1
+        return conn.execute(find, params).one(), created
 
     def _record(self, conn: Connection, rec: InstanceRecord, allow_replace: bool) -> Recorded:
         now = _now()
-        sop_uid = rec.text("SOPInstanceUID")
-        existing = conn.execute(
-            select(instances.c.id, instances.c.sha256, instances.c.blob_key,
-                   instances.c.series_pk).where(instances.c.sop_uid == sop_uid)
-        ).first()
+        text = rec.text
+        sop_uid = text("SOPInstanceUID")
+        existing = conn.execute(self._sel_instance, {"b_sop_uid": sop_uid}).first()
         if existing is not None and existing.sha256 == rec.sha256:
             return Recorded(Outcome.DUPLICATE)
         if existing is not None and not allow_replace:
@@ -146,48 +176,46 @@ class SqlIndex:
                 f"SOP Instance {sop_uid} is already stored with different content; "
                 "replacement is disabled (setting allow_replace)")
 
-        patient_pk, new_patient = self._upsert_id(
-            conn, patients,
-            {"patient_id": rec.text("PatientID") or "", "issuer": rec.text("IssuerOfPatientID")
-             or ""},
-            {"patient_name": rec.text("PatientName"),
-             "patient_name_key": name_key(rec.text("PatientName")),
-             "birth_date": rec.text("PatientBirthDate"), "sex": rec.text("PatientSex"),
-             "num_studies": 0, "created_at": now},
-        )
-        study_uid = rec.text("StudyInstanceUID")
-        study_pk, new_study = self._upsert_id(
-            conn, studies, {"study_uid": study_uid},
-            {"patient_pk": patient_pk, "study_date": rec.text("StudyDate"),
-             "study_time": rec.text("StudyTime"),
-             "accession_number": rec.text("AccessionNumber"), "study_id": rec.text("StudyID"),
-             "description": rec.text("StudyDescription"),
-             "referring_name": rec.text("ReferringPhysicianName"),
-             "referring_name_key": name_key(rec.text("ReferringPhysicianName")),
+        patient_id, issuer = text("PatientID") or "", text("IssuerOfPatientID") or ""
+        patient, _ = self._find_or_insert(
+            conn, self._sel_patient, {"b_patient_id": patient_id, "b_issuer": issuer},
+            self._ins_patient,
+            {"patient_id": patient_id, "issuer": issuer, "patient_name": text("PatientName"),
+             "patient_name_key": name_key(text("PatientName")),
+             "birth_date": text("PatientBirthDate"), "sex": text("PatientSex"),
+             "num_studies": 0, "created_at": now})
+        patient_pk = patient.id
+        study_uid = text("StudyInstanceUID")
+        study, new_study = self._find_or_insert(
+            conn, self._sel_study, {"b_study_uid": study_uid}, self._ins_study,
+            {"study_uid": study_uid, "patient_pk": patient_pk,
+             "study_date": text("StudyDate"), "study_time": text("StudyTime"),
+             "accession_number": text("AccessionNumber"), "study_id": text("StudyID"),
+             "description": text("StudyDescription"),
+             "referring_name": text("ReferringPhysicianName"),
+             "referring_name_key": name_key(text("ReferringPhysicianName")),
              "modalities": None, "num_series": 0, "num_instances": 0, "created_at": now,
-             "updated_at": now},
-        )
-        owner = conn.execute(select(studies.c.patient_pk).where(studies.c.id == study_pk)).one()
-        if owner[0] != patient_pk:
+             "updated_at": now})
+        if study.patient_pk != patient_pk:
             raise HierarchyConflict(
                 f"study {study_uid} is stored under another patient; this object names "
-                f"PatientID {rec.text('PatientID')!r} (no silent merge)")
-        series_uid = rec.text("SeriesInstanceUID")
-        series_pk, new_series = self._upsert_id(
-            conn, series, {"series_uid": series_uid},
-            {"study_pk": study_pk, "modality": rec.text("Modality"),
+                f"PatientID {patient_id!r} (no silent merge)")
+        study_pk = study.id
+        series_uid = text("SeriesInstanceUID")
+        found_series, new_series = self._find_or_insert(
+            conn, self._sel_series, {"b_series_uid": series_uid}, self._ins_series,
+            {"series_uid": series_uid, "study_pk": study_pk, "modality": text("Modality"),
              "series_number": rec.get("SeriesNumber"),
-             "description": rec.text("SeriesDescription"),
-             "body_part": rec.text("BodyPartExamined"), "series_date": rec.text("SeriesDate"),
-             "series_time": rec.text("SeriesTime"), "num_instances": 0, "created_at": now},
-        )
-        parent = conn.execute(select(series.c.study_pk).where(series.c.id == series_pk)).one()
-        if parent[0] != study_pk:
+             "description": text("SeriesDescription"), "body_part": text("BodyPartExamined"),
+             "series_date": text("SeriesDate"), "series_time": text("SeriesTime"),
+             "num_instances": 0, "created_at": now})
+        if found_series.study_pk != study_pk:
             raise HierarchyConflict(
                 f"series {series_uid} is stored in another study than {study_uid}")
+        series_pk = found_series.id
 
         values = {
-            "series_pk": series_pk, "sop_class_uid": rec.text("SOPClassUID"),
+            "series_pk": series_pk, "sop_class_uid": text("SOPClassUID"),
             "instance_number": rec.get("InstanceNumber"), "rows": rec.get("Rows"),
             "columns": rec.get("Columns"), "frames": rec.get("NumberOfFrames"),
             "transfer_syntax": rec.transfer_syntax, "size": rec.size, "sha256": rec.sha256,
@@ -199,37 +227,27 @@ class SqlIndex:
         if existing is not None:
             if existing.series_pk != series_pk:
                 raise HierarchyConflict(
-                    f"a replacement of {sop_uid} must stay in series of the stored object")
-            conn.execute(update(instances).where(instances.c.id == existing.id).values(values))
-            still_used = conn.execute(
-                select(func.count()).select_from(instances)
-                .where(instances.c.blob_key == existing.blob_key)).scalar_one()
-            if not still_used:
-                conn.execute(self._insert(blob_deletions).values(
-                    blob_key=existing.blob_key, queued_at=now).on_conflict_do_nothing())
-            conn.execute(update(studies).where(studies.c.id == study_pk)
-                         .values(updated_at=now))
+                    f"a replacement of {sop_uid} must stay in the series of the stored object")
+            conn.execute(self._upd_instance, {"b_pk": existing.id, **values})
+            if not conn.execute(self._count_blob, {"b_key": existing.blob_key}).scalar_one():
+                conn.execute(self._queue_deletion,
+                             {"blob_key": existing.blob_key, "queued_at": now})
+            conn.execute(self._upd_study, {"b_pk": study_pk, "b_new_instance": 0,
+                                           "b_new_series": 0, "b_now": now})
             return Recorded(Outcome.REPLACED, replaced_blob_key=existing.blob_key)
 
-        conn.execute(instances.insert().values(sop_uid=sop_uid, **values))
-        conn.execute(update(series).where(series.c.id == series_pk)
-                     .values(num_instances=series.c.num_instances + 1))
+        conn.execute(self._ins_instance, {"sop_uid": sop_uid, **values})
+        conn.execute(self._upd_series, {"b_pk": series_pk})
         # Updating the study row locks it; the modality recount below therefore sees every
         # series that a concurrent writer committed before us (READ COMMITTED).
-        conn.execute(update(studies).where(studies.c.id == study_pk).values(
-            num_instances=studies.c.num_instances + 1,
-            num_series=studies.c.num_series + (1 if new_series else 0),
-            updated_at=now))
+        conn.execute(self._upd_study, {"b_pk": study_pk, "b_new_instance": 1,
+                                       "b_new_series": 1 if new_series else 0, "b_now": now})
         if new_series:
-            found = conn.execute(
-                select(series.c.modality).where(series.c.study_pk == study_pk)
-                .where(series.c.modality.is_not(None)).distinct()).scalars().all()
-            conn.execute(update(studies).where(studies.c.id == study_pk)
-                         .values(modalities="\\".join(sorted(found))[:256] or None))
+            found = conn.execute(self._sel_modalities, {"b_pk": study_pk}).scalars().all()
+            conn.execute(self._upd_modalities, {
+                "b_pk": study_pk, "b_modalities": "\\".join(sorted(found))[:256] or None})
         if new_study:
-            conn.execute(update(patients).where(patients.c.id == patient_pk)
-                         .values(num_studies=patients.c.num_studies + 1))
-        del new_patient
+            conn.execute(self._upd_patient, {"b_pk": patient_pk})
         return Recorded(Outcome.STORED)
 
     # -- reading ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -48,12 +49,20 @@ class FilesystemBlobStore:
         self._area: Path | None = None
         self._area_pid = -1
         self._lock_fd = -1
+        self._area_lock = threading.Lock()
 
     # -- staging ---------------------------------------------------------------------------
 
     def _staging_area(self) -> Path:
-        if self._area is not None and self._area_pid == os.getpid():
-            return self._area
+        area = self._area
+        if area is not None and self._area_pid == os.getpid():
+            return area
+        with self._area_lock:
+            if self._area is not None and self._area_pid == os.getpid():
+                return self._area
+            return self._new_staging_area()
+
+    def _new_staging_area(self) -> Path:
         area = self.staging_root / f"{os.getpid()}-{secrets.token_hex(4)}"
         area.mkdir(mode=0o700)
         fd = os.open(area / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
