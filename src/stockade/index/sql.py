@@ -8,7 +8,11 @@ the study keep counters right under concurrent writers.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
@@ -66,6 +71,33 @@ def make_engine(url: str) -> Engine:
     raise ConfigError("database_url must be a sqlite:// or postgresql+psycopg:// URL")
 
 
+class _SqliteWriteLock:
+    """Serialises SQLite writers of all processes with a blocking file lock.
+
+    SQLite's own busy handler polls with sleeps of up to 100 ms; a writer blocked on
+    ``flock`` instead wakes the moment the previous one commits.
+    """
+
+    def __init__(self, url: str) -> None:
+        database = make_url(url).database
+        self._path = f"{database}.writelock" if database and database != ":memory:" else None
+        self._thread_lock = threading.Lock()
+        self._fd = -1
+
+    def __enter__(self) -> object:
+        self._thread_lock.acquire()
+        if self._path is not None:
+            if self._fd < 0:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+
 class SqlIndex:
     """An :class:`~stockade.index.base.Index` over SQLite or PostgreSQL."""
 
@@ -74,6 +106,9 @@ class SqlIndex:
         self.engine = make_engine(url)
         self._insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         self._statements()
+        self._writer: contextlib.AbstractContextManager[object] = (
+            _SqliteWriteLock(url) if self.engine.dialect.name == "sqlite"
+            else contextlib.nullcontext())
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -110,7 +145,7 @@ class SqlIndex:
         """
         for attempt in range(3):
             try:
-                with self._write() as conn, conn.begin():
+                with self._writer, self._write() as conn, conn.begin():
                     return self._record(conn, record, allow_replace)
             except SAIntegrityError:
                 # A concurrent writer inserted the same row first; the retry will see it.

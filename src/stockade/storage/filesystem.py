@@ -37,6 +37,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Fsync(threading.Thread):
+    def __init__(self, fd: int) -> None:
+        super().__init__(name="fsync", daemon=True)
+        self.fd = fd
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self.error = exc
+
+
 class FilesystemBlobStore:
     """A :class:`~stockade.storage.base.BlobStore` on a local folder."""
 
@@ -85,14 +98,20 @@ class FilesystemBlobStore:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                for part in parts:
-                    view = memoryview(part)
-                    digest.update(view)
+                views = [memoryview(part) for part in parts]
+                for view in views:
                     size += len(view)
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                os.fsync(fd)
+                # fsync and SHA-256 both release the GIL: run them side by side.
+                syncer = _Fsync(fd)
+                syncer.start()
+                for view in views:
+                    digest.update(view)
+                syncer.join()
+                if syncer.error is not None:
+                    raise syncer.error
             finally:
                 os.close(fd)
             _fsync_dir(path.parent)
