@@ -170,9 +170,11 @@ class SqlIndex:
             studies.c.study_uid == bindparam("b_study_uid"))
         self._sel_series = select(series.c.id, series.c.study_pk).where(
             series.c.series_uid == bindparam("b_series_uid"))
-        self._ins_patient = ins(patients).on_conflict_do_nothing()
-        self._ins_study = ins(studies).on_conflict_do_nothing()
-        self._ins_series = ins(series).on_conflict_do_nothing()
+        # RETURNING tells whether this statement created the row (rowcount does not, on
+        # every driver, for INSERT .. ON CONFLICT DO NOTHING).
+        self._ins_patient = ins(patients).on_conflict_do_nothing().returning(patients.c.id)
+        self._ins_study = ins(studies).on_conflict_do_nothing().returning(studies.c.id)
+        self._ins_series = ins(series).on_conflict_do_nothing().returning(series.c.id)
         self._ins_instance = instances.insert()
         self._upd_instance = update(instances).where(instances.c.id == bindparam("b_pk"))
         self._upd_series = update(series).where(series.c.id == bindparam("b_pk")).values(
@@ -196,7 +198,7 @@ class SqlIndex:
         row = conn.execute(find, params).first()
         if row is not None:
             return row, False
-        created = conn.execute(insert_stmt, values).rowcount == 1
+        created = conn.execute(insert_stmt, values).first() is not None
         return conn.execute(find, params).one(), created
 
     def _record(self, conn: Connection, rec: InstanceRecord, allow_replace: bool) -> Recorded:

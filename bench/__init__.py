@@ -1,0 +1,1 @@
+"""Benchmarks for Stockade (run ``python -m bench.ingest``; see docs/benchmarks.md)."""

@@ -1,0 +1,93 @@
+"""Shared fixtures: database back ends, settings, an archive on a temporary folder.
+
+Every test that takes ``db_url`` runs twice: on SQLite and on the PostgreSQL server named by
+``STOCKADE_TEST_POSTGRES_URL`` (each test gets a fresh schema). Without that variable the
+PostgreSQL runs are skipped, and say why. With ``CI=true`` a skipped test is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from stockade.archive import Archive
+from stockade.audit.sink import MemoryAuditSink
+from stockade.index.sql import SqlIndex
+from stockade.settings import Settings, load
+from stockade.storage.filesystem import FilesystemBlobStore
+
+POSTGRES_URL = os.environ.get("STOCKADE_TEST_POSTGRES_URL", "")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """Return the path of a command-line tool, or skip the test (a failure in CI)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (apt-get install dcmtk dicom3tools orthanc)")
+    return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """In CI a skip is a failure: every tool and service must be there."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped in CI (not allowed): {reason}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL for an empty index: SQLite in tmp_path, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'index.sqlite3'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("STOCKADE_TEST_POSTGRES_URL is not set: PostgreSQL runs skipped")
+    schema = "t_" + secrets.token_hex(6)
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    """Settings for an archive in tmp_path on the parametrised database."""
+    return load(environ={}, overrides={"data_dir": str(tmp_path / "data"),
+                                       "database_url": db_url})
+
+
+@pytest.fixture
+def audit() -> MemoryAuditSink:
+    """An audit sink that keeps events in memory."""
+    return MemoryAuditSink()
+
+
+@pytest.fixture
+def archive(settings: Settings, audit: MemoryAuditSink) -> Iterator[Archive]:
+    """A prepared archive on the parametrised database."""
+    store = FilesystemBlobStore(settings.data_dir)
+    index = SqlIndex(settings.index_url)
+    arch = Archive(settings, store, index, audit)
+    arch.prepare()
+    try:
+        yield arch
+    finally:
+        arch.close()
