@@ -70,8 +70,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
     """Settings for an archive in tmp_path on the parametrised database."""
-    return load(environ={}, overrides={"data_dir": str(tmp_path / "data"),
-                                       "database_url": db_url})
+    return load(environ={}, overrides={"data_dir": str(tmp_path / "data"), "database_url": db_url})
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-
 # Tests build hostile objects on purpose: pydicom must not refuse or warn while writing them.
 config.settings.writing_validation_mode = config.IGNORE
 config.settings.reading_validation_mode = config.IGNORE

@@ -41,37 +41,51 @@ def _stored_file(archive: Archive, sop_uid: str) -> bytes:
 PE_PREAMBLE = b"MZ\x90\x00" + b"\x00" * 56 + b"\x80\x00\x00\x00" + b"\x00" * 64
 
 
-@pytest.mark.parametrize(("preamble", "kind"), [
-    (PE_PREAMBLE, "executable"), (b"\x7fELF" + bytes(124), "executable"),
-    (b"#!/bin/sh\n" + bytes(118), "executable"), (b"<html><script>" + bytes(114), "markup"),
-    (b"II*\x00\x08\x00\x00\x00" + bytes(120), "tiff"), (bytes(128), "zero"),
-])
-def test_preamble_is_classified_and_zeroed(archive: Archive, audit: MemoryAuditSink,
-                                           preamble: bytes, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("preamble", "kind"),
+    [
+        (PE_PREAMBLE, "executable"),
+        (b"\x7fELF" + bytes(124), "executable"),
+        (b"#!/bin/sh\n" + bytes(118), "executable"),
+        (b"<html><script>" + bytes(114), "markup"),
+        (b"II*\x00\x08\x00\x00\x00" + bytes(120), "tiff"),
+        (bytes(128), "zero"),
+    ],
+)
+def test_preamble_is_classified_and_zeroed(
+    archive: Archive, audit: MemoryAuditSink, preamble: bytes, kind: str
+) -> None:
     ds = make_dataset()
     data = part10(ds, preamble=preamble)
     archive.store_file(data, IMPORT)
     stored = _stored_file(archive, ds.SOPInstanceUID)
     assert stored[:128] == bytes(128) and stored[128:132] == b"DICM"
     original = read_part10(data)
-    assert stored.endswith(data[original.dataset_offset:])
+    assert stored.endswith(data[original.dataset_offset :])
     alerts = [e for e in audit.events if isinstance(e, SecurityAlert)]
     assert len(alerts) == (1 if kind in ("executable", "markup") else 0)
     with archive.index.engine.connect() as conn:  # type: ignore[attr-defined]
         from sqlalchemy import text
+
         row = conn.execute(text("select preamble from instances")).one()
     assert row[0] == kind
 
 
 @pytest.mark.parametrize("bad_uid", ["../../x", "1." + "2" * 63, "1.02.3", "/etc/cron.d/x"])
 def test_invalid_uids_are_refused_and_nothing_is_stored(
-        archive: Archive, audit: MemoryAuditSink, tmp_path: Path, bad_uid: str) -> None:
+    archive: Archive, audit: MemoryAuditSink, tmp_path: Path, bad_uid: str
+) -> None:
     ds = make_dataset(SOPInstanceUID=bad_uid)
     with pytest.raises(InvalidAttribute, match="SOPInstanceUID"):
         archive.store_file(part10(ds), IMPORT)
     with pytest.raises(InvalidAttribute):
-        archive.store_dimse(bare(ds), "1.2.840.10008.1.2.1", sop_class_uid=ds.SOPClassUID,
-                            sop_instance_uid=bad_uid, peer=PEER)
+        archive.store_dimse(
+            bare(ds),
+            "1.2.840.10008.1.2.1",
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=bad_uid,
+            peer=PEER,
+        )
     assert archive.counts()["instances"] == 0
     assert list(archive.store.keys()) == []
     assert not (tmp_path / "x").exists()
@@ -80,7 +94,7 @@ def test_invalid_uids_are_refused_and_nothing_is_stored(
 
 def test_study_uid_longer_than_64_is_refused(archive: Archive) -> None:
     ds = make_dataset(StudyInstanceUID="1." + "3" * 63)
-    with pytest.raises(InvalidAttribute, match="StudyInstanceUID .* 65 characters"):
+    with pytest.raises(InvalidAttribute, match=r"StudyInstanceUID .* 65 characters"):
         archive.store_file(part10(ds), IMPORT)
 
 
@@ -113,12 +127,18 @@ def test_counts_and_modalities(archive: Archive) -> None:
     study = generate_uid()
     for modality, series in (("CT", generate_uid()), ("MR", generate_uid())):
         for _ in range(2):
-            archive.store_file(part10(make_dataset(StudyInstanceUID=study, Modality=modality,
-                                                   SeriesInstanceUID=series)), IMPORT)
+            archive.store_file(
+                part10(
+                    make_dataset(
+                        StudyInstanceUID=study, Modality=modality, SeriesInstanceUID=series
+                    )
+                ),
+                IMPORT,
+            )
     from sqlalchemy import text
+
     with archive.index.engine.connect() as conn:  # type: ignore[attr-defined]
-        row = conn.execute(text("select num_series, num_instances, modalities from studies")
-                           ).one()
+        row = conn.execute(text("select num_series, num_instances, modalities from studies")).one()
     assert tuple(row) == (2, 4, "CT\\MR")
 
 
@@ -140,8 +160,8 @@ def test_deflated_is_stored_as_received(archive: Archive) -> None:
     assert stored.endswith(data[offset:])
     with archive.index.engine.connect() as conn:  # type: ignore[attr-defined]
         from sqlalchemy import text
-        name, key = conn.execute(text("select patient_name, patient_name_key from patients")
-                                 ).one()
+
+        name, key = conn.execute(text("select patient_name, patient_name_key from patients")).one()
     assert (name, key) == ("Müller^Jürgen", "müller^jürgen")
 
 
@@ -152,8 +172,13 @@ def test_deflate_bomb_is_capped(archive: Archive) -> None:
     small = dataclasses.replace(archive.settings, max_object_size=1024 * 1024)
     archive.ingest.settings = small
     with pytest.raises(ObjectTooLarge, match="inflates past"):
-        archive.store_dimse(raw, DeflatedExplicitVRLittleEndian, sop_class_uid=ds.SOPClassUID,
-                            sop_instance_uid=ds.SOPInstanceUID, peer=PEER)
+        archive.store_dimse(
+            raw,
+            DeflatedExplicitVRLittleEndian,
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            peer=PEER,
+        )
 
 
 def test_not_dicom_and_mismatch(archive: Archive) -> None:
@@ -161,16 +186,31 @@ def test_not_dicom_and_mismatch(archive: Archive) -> None:
         archive.store_file(b"hello world" * 20, IMPORT)
     ds = make_dataset()
     with pytest.raises(InvalidAttribute, match="abstract syntax"):
-        archive.store_dimse(bare(ds), "1.2.840.10008.1.2.1", sop_class_uid=ds.SOPClassUID,
-                            sop_instance_uid=ds.SOPInstanceUID, peer=PEER,
-                            abstract_syntax="1.2.840.10008.5.1.4.1.1.4")
+        archive.store_dimse(
+            bare(ds),
+            "1.2.840.10008.1.2.1",
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            peer=PEER,
+            abstract_syntax="1.2.840.10008.5.1.4.1.1.4",
+        )
     with pytest.raises(InvalidObject, match="differs"):
-        archive.store_dimse(bare(ds), "1.2.840.10008.1.2.1", sop_class_uid=ds.SOPClassUID,
-                            sop_instance_uid=generate_uid(), peer=PEER)
+        archive.store_dimse(
+            bare(ds),
+            "1.2.840.10008.1.2.1",
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=generate_uid(),
+            peer=PEER,
+        )
     echo_only = Peer("X", "127.0.0.1", "n", frozenset({"echo"}))
     with pytest.raises(NotAuthorized):
-        archive.store_dimse(bare(ds), "1.2.840.10008.1.2.1", sop_class_uid=ds.SOPClassUID,
-                            sop_instance_uid=ds.SOPInstanceUID, peer=echo_only)
+        archive.store_dimse(
+            bare(ds),
+            "1.2.840.10008.1.2.1",
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            peer=echo_only,
+        )
     assert archive.counts()["instances"] == 0
 
 
@@ -188,8 +228,10 @@ def test_verify_detects_a_flipped_byte(archive: Archive) -> None:
 
 
 def test_recovery_publishes_committed_and_discards_unacknowledged(
-        settings: object, audit: MemoryAuditSink) -> None:
+    settings: object, audit: MemoryAuditSink
+) -> None:
     from stockade.settings import Settings
+
     assert isinstance(settings, Settings)
     # A "dead" process: it staged two blobs, committed the index row of one, then died.
     dead_store = FilesystemBlobStore(settings.data_dir)
@@ -201,6 +243,7 @@ def test_recovery_publishes_committed_and_discards_unacknowledged(
     dead_store.discard(staged_kept)
     real = part10(ds)
     from stockade.ingest import Ingest
+
     ingest = Ingest(settings, dead_store, index, audit)
     commit = dead_store.commit
     dead_store.commit = lambda staged: staged.key  # type: ignore[method-assign]
@@ -211,6 +254,7 @@ def test_recovery_publishes_committed_and_discards_unacknowledged(
     assert area is not None
     import fcntl
     import os
+
     fcntl.flock(dead_store._lock_fd, fcntl.LOCK_UN)  # the process "dies"
     os.close(dead_store._lock_fd)
     dead_store._area = None

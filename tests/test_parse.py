@@ -17,8 +17,13 @@ SOP_UID_TAG = 0x00080018
 
 
 def _scan(data: bytes, limits: Limits = LIMITS, implicit: bool = False) -> object:
-    return scan(data, implicit_vr=implicit, little_endian=True,
-                wanted=frozenset({SOP_UID_TAG}), limits=limits)
+    return scan(
+        data,
+        implicit_vr=implicit,
+        little_endian=True,
+        wanted=frozenset({SOP_UID_TAG}),
+        limits=limits,
+    )
 
 
 @pytest.mark.parametrize("implicit", [False, True])
@@ -26,7 +31,7 @@ def test_finds_values_without_copying(implicit: bool) -> None:
     ds = make_dataset()
     data = bare(ds, implicit=implicit)
     found = _scan(data, implicit=implicit)
-    vr, start, end = found.values[SOP_UID_TAG]  # type: ignore[attr-defined]
+    _vr, start, end = found.values[SOP_UID_TAG]  # type: ignore[attr-defined]
     assert data[start:end].rstrip(b"\0").decode() == ds.SOPInstanceUID
     assert found.end == len(data)  # type: ignore[attr-defined]
 

@@ -84,7 +84,7 @@ def _addresses(host: str) -> set[str]:
 
 
 def _normal(address: str) -> str:
-    ip = ipaddress.ip_address(address.split("%")[0])
+    ip = ipaddress.ip_address(address.split("%", maxsplit=1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         return str(ip.ipv4_mapped)
     return str(ip)
@@ -93,8 +93,9 @@ def _normal(address: str) -> str:
 class Archive:
     """The facade over storage, index and audit."""
 
-    def __init__(self, settings: Settings, store: BlobStore, index: Index,
-                 audit: AuditSink) -> None:
+    def __init__(
+        self, settings: Settings, store: BlobStore, index: Index, audit: AuditSink
+    ) -> None:
         self.settings = settings
         self.store = store
         self.index = index
@@ -112,8 +113,11 @@ class Archive:
                 self.store.delete(key)
             self.index.forget_deletion(key)
         if report.published or report.discarded:
-            log.info("recovery: %d staged objects published, %d unacknowledged discarded",
-                     report.published, report.discarded)
+            log.info(
+                "recovery: %d staged objects published, %d unacknowledged discarded",
+                report.published,
+                report.discarded,
+            )
         return report
 
     def close(self) -> None:
@@ -136,15 +140,29 @@ class Archive:
 
     # -- storing ---------------------------------------------------------------------------
 
-    def store_dimse(self, dataset: Buffer, transfer_syntax: str, *, sop_class_uid: str,
-                    sop_instance_uid: str, peer: Peer, abstract_syntax: str | None = None,
-                    dropped: int = 0) -> StoreResult:
+    def store_dimse(
+        self,
+        dataset: Buffer,
+        transfer_syntax: str,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        peer: Peer,
+        abstract_syntax: str | None = None,
+        dropped: int = 0,
+    ) -> StoreResult:
         """Store a C-STORE data set (PS3.4 B.2.2) from an admitted peer."""
         peer.check("store")
         origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address)
-        return self.ingest.from_dimse(dataset, transfer_syntax, sop_class_uid=sop_class_uid,
-                                      sop_instance_uid=sop_instance_uid, origin=origin,
-                                      abstract_syntax=abstract_syntax, dropped=dropped)
+        return self.ingest.from_dimse(
+            dataset,
+            transfer_syntax,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            origin=origin,
+            abstract_syntax=abstract_syntax,
+            dropped=dropped,
+        )
 
     def store_file(self, data: Buffer, origin: Origin) -> StoreResult:
         """Store a Part 10 file (import, and later upload and STOW-RS)."""
@@ -184,20 +202,26 @@ class Archive:
                         peer = Peer(calling_ae.strip(), address, node.name, node.allow)
                         break
                 if peer is None:
-                    reason = (f"calling AE {calling_ae.strip()!r} from {address} is not a "
-                              "configured node")
+                    reason = (
+                        f"calling AE {calling_ae.strip()!r} from {address} is not a configured node"
+                    )
         if peer is None:
             log.warning("association refused: %s", reason)
-            self.audit(AssociationRejected(
-                actor=Actor(ae_title=calling_ae.strip()[:16], address=address, via="dimse"),
-                outcome="failure", reason=str(reason)))
+            self.audit(
+                AssociationRejected(
+                    actor=Actor(ae_title=calling_ae.strip()[:16], address=address, via="dimse"),
+                    outcome="failure",
+                    reason=str(reason),
+                )
+            )
             raise NotAuthorized(str(reason))
         return peer
 
     # -- nodes -----------------------------------------------------------------------------
 
-    def add_node(self, name: str, ae_title: str, host: str, port: int,
-                 allow: frozenset[str]) -> Node:
+    def add_node(
+        self, name: str, ae_title: str, host: str, port: int, allow: frozenset[str]
+    ) -> Node:
         """Configure a DICOM peer."""
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError("node name must be 1 to 64 letters, digits, '-' or '_'")
@@ -249,8 +273,10 @@ class Archive:
         except StorageFailure as exc:
             raise IntegrityError(f"{inst.sop_instance_uid}: {exc.reason}") from None
         if size != inst.size or digest.hexdigest() != inst.sha256:
-            raise IntegrityError(f"{inst.sop_instance_uid}: content no longer matches its "
-                                 "SHA-256 (blob corrupted or altered)")
+            raise IntegrityError(
+                f"{inst.sop_instance_uid}: content no longer matches its "
+                "SHA-256 (blob corrupted or altered)"
+            )
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Re-hash every blob and check that index and storage agree.
@@ -270,7 +296,7 @@ class Archive:
                 suspects.append(inst)
             if progress:
                 progress(1)
-        orphans = [k for k in self.store.keys() if k not in indexed]
+        orphans = [k for k in self.store.keys() if k not in indexed]  # noqa: SIM118
         for inst in suspects:
             try:
                 self.check_instance(inst)
@@ -279,9 +305,14 @@ class Archive:
         for key in orphans:
             if not self.index.is_blob_indexed(key):
                 report.problems.append(f"blob {key} is in storage but not in the index")
-        self.audit(IntegrityChecked(actor=Actor(via="cli"), checked=report.checked,
-                                    problems=len(report.problems),
-                                    outcome="success" if report.ok else "failure"))
+        self.audit(
+            IntegrityChecked(
+                actor=Actor(via="cli"),
+                checked=report.checked,
+                problems=len(report.problems),
+                outcome="success" if report.ok else "failure",
+            )
+        )
         return report
 
     def counts(self) -> dict[str, int]:

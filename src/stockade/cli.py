@@ -37,9 +37,11 @@ out = Console(highlight=False, soft_wrap=True)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="stockade", description="Stockade: a DICOM archive you can trust.",
+        prog="stockade",
+        description="Stockade: a DICOM archive you can trust.",
         epilog="Settings (also STOCKADE_<NAME> variables or a --config TOML file): "
-        + ", ".join(d.name for d in DECLARED))
+        + ", ".join(d.name for d in DECLARED),
+    )
     parser.add_argument("--version", action="version", version=f"stockade {__version__}")
     parser.add_argument("--config", type=Path, help="TOML settings file")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--ae", required=True, help="the peer's AE title")
     add.add_argument("--host", required=True, help="the peer's IP address or host name")
     add.add_argument("--port", required=True, type=int, help="the peer's DIMSE port")
-    add.add_argument("--allow", default="echo,store",
-                     help="services the peer may use: echo,store,find,get,move "
-                     "(default echo,store)")
+    add.add_argument(
+        "--allow",
+        default="echo,store",
+        help="services the peer may use: echo,store,find,get,move (default echo,store)",
+    )
     node_sub.add_parser("list", help="list peers")
     rm = node_sub.add_parser("remove", help="remove a peer")
     rm.add_argument("name")
@@ -135,16 +139,22 @@ def _zip_members(path: Path, cap: int) -> Iterator[tuple[str, bytes | StockadeEr
     with zipfile.ZipFile(path) as archive:
         infos = archive.infolist()
         if len(infos) > MAX_ZIP_ENTRIES:
-            yield str(path), StockadeError(f"ZIP has {len(infos)} entries "
-                                           f"(limit {MAX_ZIP_ENTRIES})")
+            yield (
+                str(path),
+                StockadeError(f"ZIP has {len(infos)} entries (limit {MAX_ZIP_ENTRIES})"),
+            )
             return
         for info in infos:
             if info.is_dir():
                 continue
             label = f"{path}!{info.filename[:200]}"
             if info.file_size > cap:
-                yield label, StockadeError(f"entry of {info.file_size} bytes exceeds "
-                                           f"max_object_size ({cap})")
+                yield (
+                    label,
+                    StockadeError(
+                        f"entry of {info.file_size} bytes exceeds max_object_size ({cap})"
+                    ),
+                )
                 continue
             try:
                 with archive.open(info) as member:
@@ -187,8 +197,14 @@ def _import(archive: Archive, settings: Settings, paths: list[Path], *, quiet: b
     rejected: list[tuple[str, str]] = []
     logging.getLogger("stockade.ingest").setLevel(logging.ERROR)
     origin = Origin(via="import", user=os.environ.get("USER"))
-    progress = Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err, disable=quiet or not err.is_terminal)
+    progress = Progress(
+        TextColumn("importing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+    )
     with progress:
         task = progress.add_task("import", total=total)
         last = ""
@@ -208,8 +224,10 @@ def _import(archive: Archive, settings: Settings, paths: list[Path], *, quiet: b
             tally[result.outcome.value] += 1
     for label, reason in rejected:
         err.print(f"rejected {label}: {reason}", markup=False)
-    out.print(f"stored {tally['stored'] + tally['replaced']}, duplicate {tally['duplicate']}, "
-              f"rejected {len(rejected)}")
+    out.print(
+        f"stored {tally['stored'] + tally['replaced']}, duplicate {tally['duplicate']}, "
+        f"rejected {len(rejected)}"
+    )
     return 1 if rejected else 0
 
 
@@ -218,15 +236,23 @@ def _import(archive: Archive, settings: Settings, paths: list[Path], *, quiet: b
 
 def _verify(archive: Archive) -> int:
     total = archive.counts()["instances"]
-    progress = Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err, disable=not err.is_terminal)
+    progress = Progress(
+        TextColumn("verifying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
     with progress:
         task = progress.add_task("verify", total=total)
         report = archive.verify(lambda n: progress.advance(task, n))
     for problem in report.problems:
         err.print(f"problem: {problem}", markup=False)
-    out.print(f"verified {report.checked} instances: "
-              + ("all intact" if report.ok else f"{len(report.problems)} problem(s)"))
+    out.print(
+        f"verified {report.checked} instances: "
+        + ("all intact" if report.ok else f"{len(report.problems)} problem(s)")
+    )
     return 0 if report.ok else 1
 
 
@@ -234,8 +260,11 @@ def _node(archive: Archive, args: argparse.Namespace) -> int:
     if args.node_command == "add":
         allow = frozenset(a.strip() for a in args.allow.split(",") if a.strip())
         node = archive.add_node(args.name, args.ae, args.host, args.port, allow)
-        out.print(f"added node {node.name}: {node.ae_title} at {node.host}:{node.port} "
-                  f"allowed {','.join(sorted(node.allow)) or 'nothing'}", markup=False)
+        out.print(
+            f"added node {node.name}: {node.ae_title} at {node.host}:{node.port} "
+            f"allowed {','.join(sorted(node.allow)) or 'nothing'}",
+            markup=False,
+        )
         return 0
     if args.node_command == "remove":
         if archive.remove_node(args.name):
@@ -244,8 +273,11 @@ def _node(archive: Archive, args: argparse.Namespace) -> int:
         err.print(f"stockade: no node named {args.name!r}", markup=False)
         return 1
     for node in archive.nodes():
-        out.print(f"{node.name}\t{node.ae_title}\t{node.host}\t{node.port}\t"
-                  f"{','.join(sorted(node.allow))}", markup=False)
+        out.print(
+            f"{node.name}\t{node.ae_title}\t{node.host}\t{node.port}\t"
+            f"{','.join(sorted(node.allow))}",
+            markup=False,
+        )
     return 0
 
 

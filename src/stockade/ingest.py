@@ -91,18 +91,26 @@ def _inflate(data: Buffer, cap: int) -> tuple[bytes, int]:
 class Ingest:
     """Runs objects through the pipeline into a blob store and an index."""
 
-    def __init__(self, settings: Settings, store: BlobStore, index: Index,
-                 audit: AuditSink) -> None:
+    def __init__(
+        self, settings: Settings, store: BlobStore, index: Index, audit: AuditSink
+    ) -> None:
         self.settings = settings
         self.store = store
         self.index = index
         self.audit = audit
-        self.limits = Limits(max_depth=settings.max_nesting_depth,
-                             max_elements=settings.max_elements)
+        self.limits = Limits(
+            max_depth=settings.max_nesting_depth, max_elements=settings.max_elements
+        )
 
     def from_dimse(
-        self, dataset: Buffer, transfer_syntax: str, *, sop_class_uid: str,
-        sop_instance_uid: str, origin: Origin, abstract_syntax: str | None = None,
+        self,
+        dataset: Buffer,
+        transfer_syntax: str,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        origin: Origin,
+        abstract_syntax: str | None = None,
         dropped: int = 0,
     ) -> StoreResult:
         """Store a data set received by C-STORE (PS3.4 B.2): no preamble on the wire.
@@ -113,18 +121,24 @@ class Ingest:
 
         def run() -> StoreResult:
             if dropped:
-                raise ObjectTooLarge(f"data set exceeds max_object_size "
-                                     f"({self.settings.max_object_size} bytes)")
-            for name, value in (("Affected SOP Class UID", sop_class_uid),
-                                ("Affected SOP Instance UID", sop_instance_uid)):
+                raise ObjectTooLarge(
+                    f"data set exceeds max_object_size ({self.settings.max_object_size} bytes)"
+                )
+            for name, value in (
+                ("Affected SOP Class UID", sop_class_uid),
+                ("Affected SOP Instance UID", sop_instance_uid),
+            ):
                 problem = uid_problem(value)
                 if problem:
                     raise InvalidAttribute(f"{name} {problem}")
             if abstract_syntax is not None and sop_class_uid != abstract_syntax:
-                raise InvalidAttribute("Affected SOP Class UID differs from the presentation "
-                                       "context's abstract syntax (PS3.4 B.2.2)")
-            return self._ingest(dataset, transfer_syntax, PreambleKind.NONE, sop_class_uid,
-                                sop_instance_uid, origin)
+                raise InvalidAttribute(
+                    "Affected SOP Class UID differs from the presentation "
+                    "context's abstract syntax (PS3.4 B.2.2)"
+                )
+            return self._ingest(
+                dataset, transfer_syntax, PreambleKind.NONE, sop_class_uid, sop_instance_uid, origin
+            )
 
         return self._guarded(run, origin, sop_instance_uid)
 
@@ -135,12 +149,17 @@ class Ingest:
             if len(data) > self.settings.max_object_size:
                 raise ObjectTooLarge(
                     f"file of {len(data)} bytes exceeds max_object_size "
-                    f"({self.settings.max_object_size})")
+                    f"({self.settings.max_object_size})"
+                )
             part10 = read_part10(data)
             return self._ingest(
-                memoryview(data)[part10.dataset_offset:], part10.transfer_syntax,
-                classify_preamble(part10.preamble), part10.media_sop_class_uid,
-                part10.media_sop_instance_uid, origin)
+                memoryview(data)[part10.dataset_offset :],
+                part10.transfer_syntax,
+                classify_preamble(part10.preamble),
+                part10.media_sop_class_uid,
+                part10.media_sop_instance_uid,
+                origin,
+            )
 
         return self._guarded(run, origin, None)
 
@@ -148,19 +167,32 @@ class Ingest:
         try:
             return run()  # type: ignore[operator,no-any-return]
         except StockadeError as exc:
-            self.audit.emit(InstanceRejected(
-                actor=origin.actor(), outcome="failure", reason=exc.reason, code=exc.code,
-                sop_instance_uid=sop_uid if sop_uid and not uid_problem(sop_uid) else None))
+            self.audit.emit(
+                InstanceRejected(
+                    actor=origin.actor(),
+                    outcome="failure",
+                    reason=exc.reason,
+                    code=exc.code,
+                    sop_instance_uid=sop_uid if sop_uid and not uid_problem(sop_uid) else None,
+                )
+            )
             raise
 
     def _ingest(
-        self, dataset: Buffer, ts_uid: str, preamble: PreambleKind,
-        claimed_class: str | None, claimed_instance: str | None, origin: Origin,
+        self,
+        dataset: Buffer,
+        ts_uid: str,
+        preamble: PreambleKind,
+        claimed_class: str | None,
+        claimed_instance: str | None,
+        origin: Origin,
     ) -> StoreResult:
         settings = self.settings
         if len(dataset) > settings.max_object_size:
-            raise ObjectTooLarge(f"data set of {len(dataset)} bytes exceeds max_object_size "
-                                 f"({settings.max_object_size})")
+            raise ObjectTooLarge(
+                f"data set of {len(dataset)} bytes exceeds max_object_size "
+                f"({settings.max_object_size})"
+            )
         ts = TRANSFER_SYNTAX_BY_UID.get(ts_uid)
         if ts is None:
             raise InvalidObject(f"transfer syntax {ts_uid[:64]} is not supported")
@@ -174,8 +206,13 @@ class Ingest:
             parsed, trailing = _inflate(dataset, settings.max_object_size)
             if trailing:
                 stored = memoryview(dataset)[: len(dataset) - trailing]
-        found = scan(parsed, implicit_vr=ts.implicit_vr, little_endian=ts.little_endian,
-                     wanted=WANTED_TAGS, limits=self.limits)
+        found = scan(
+            parsed,
+            implicit_vr=ts.implicit_vr,
+            little_endian=ts.little_endian,
+            wanted=WANTED_TAGS,
+            limits=self.limits,
+        )
         if found.end < len(parsed):
             extra = len(parsed) - found.end
             if ts.deflated:
@@ -189,23 +226,30 @@ class Ingest:
         attrs = extract(parsed, found.values, little_endian=ts.little_endian)
 
         # 3. validate
-        for keyword, tag in (("SOPClassUID", "(0008,0016)"), ("SOPInstanceUID", "(0008,0018)"),
-                             ("StudyInstanceUID", "(0020,000D)"),
-                             ("SeriesInstanceUID", "(0020,000E)")):
+        for keyword, tag in (
+            ("SOPClassUID", "(0008,0016)"),
+            ("SOPInstanceUID", "(0008,0018)"),
+            ("StudyInstanceUID", "(0020,000D)"),
+            ("SeriesInstanceUID", "(0020,000E)"),
+        ):
             problem = uid_problem(attrs.get(keyword))  # type: ignore[arg-type]
             if problem:
                 raise InvalidAttribute(f"{keyword} {tag} {problem}")
         sop_class = str(attrs["SOPClassUID"])
         sop_instance = str(attrs["SOPInstanceUID"])
         if sop_class not in STORAGE_SOP_CLASSES:
-            raise SOPClassNotSupported(f"SOP class {sop_class} is not a storage SOP class "
-                                       "this archive accepts")
+            raise SOPClassNotSupported(
+                f"SOP class {sop_class} is not a storage SOP class this archive accepts"
+            )
         if claimed_class is not None and claimed_class != sop_class:
-            raise DatasetMismatch(f"SOP Class UID {claimed_class[:64]} of the request differs "
-                                  f"from {sop_class} in the data set")
+            raise DatasetMismatch(
+                f"SOP Class UID {claimed_class[:64]} of the request differs "
+                f"from {sop_class} in the data set"
+            )
         if claimed_instance is not None and claimed_instance != sop_instance:
-            raise DatasetMismatch(f"SOP Instance UID of the request differs from "
-                                  f"{sop_instance} in the data set")
+            raise DatasetMismatch(
+                f"SOP Instance UID of the request differs from {sop_instance} in the data set"
+            )
         if preamble not in (PreambleKind.NONE, PreambleKind.ZERO):
             warnings.append(f"preamble classified {preamble.value} was replaced by zeros")
 
@@ -214,9 +258,16 @@ class Ingest:
         header = file_header(sop_class, sop_instance, ts_uid, source_ae)
         staged = self.store.stage((header, stored))
         record = InstanceRecord(
-            attributes=attrs, sha256=staged.sha256, blob_key=staged.key, size=staged.size,
-            transfer_syntax=ts_uid, preamble=preamble.value, trailing_bytes=trailing,
-            origin=origin.via, sender_ae=source_ae, sender_address=origin.address,
+            attributes=attrs,
+            sha256=staged.sha256,
+            blob_key=staged.key,
+            size=staged.size,
+            transfer_syntax=ts_uid,
+            preamble=preamble.value,
+            trailing_bytes=trailing,
+            origin=origin.via,
+            sender_ae=source_ae,
+            sender_address=origin.address,
             received_at=datetime.now(UTC),
         )
         # 5. index, in one transaction; 6. publish
@@ -237,16 +288,32 @@ class Ingest:
 
         # 7. audit, then success
         actor = origin.actor()
-        self.audit.emit(InstanceStored(
-            actor=actor, study_uid=str(attrs["StudyInstanceUID"]), sop_instance_uid=sop_instance,
-            sop_class_uid=sop_class, patient_id=record.text("PatientID"),
-            result=recorded.outcome.value, preamble=preamble.value))
+        self.audit.emit(
+            InstanceStored(
+                actor=actor,
+                study_uid=str(attrs["StudyInstanceUID"]),
+                sop_instance_uid=sop_instance,
+                sop_class_uid=sop_class,
+                patient_id=record.text("PatientID"),
+                result=recorded.outcome.value,
+                preamble=preamble.value,
+            )
+        )
         if preamble in (PreambleKind.EXECUTABLE, PreambleKind.MARKUP):
-            self.audit.emit(SecurityAlert(
-                actor=actor, finding=f"{preamble.value}-preamble",
-                detail="Part 10 preamble held a non-DICOM header; stored with zeros",
-                sop_instance_uid=sop_instance))
+            self.audit.emit(
+                SecurityAlert(
+                    actor=actor,
+                    finding=f"{preamble.value}-preamble",
+                    detail="Part 10 preamble held a non-DICOM header; stored with zeros",
+                    sop_instance_uid=sop_instance,
+                )
+            )
         if warnings:
             log.warning("stored %s with warnings: %s", sop_instance, "; ".join(warnings))
-        return StoreResult(recorded.outcome, sop_instance, sop_class,
-                           str(attrs["StudyInstanceUID"]), tuple(warnings))
+        return StoreResult(
+            recorded.outcome,
+            sop_instance,
+            sop_class,
+            str(attrs["StudyInstanceUID"]),
+            tuple(warnings),
+        )

@@ -81,43 +81,98 @@ def _log_level(value: str) -> str | None:
 
 
 DECLARED: tuple[Declared, ...] = (
-    Declared("data_dir", Path, Path("./stockade-data"),
-             "Folder for stored objects, the embedded SQLite index and logs."),
-    Declared("database_url", str, "",
-             "SQLAlchemy URL of the index. Empty means SQLite in the data folder "
-             "(`sqlite:///<data_dir>/index.sqlite3`); PostgreSQL is "
-             "`postgresql+psycopg://user@host/db`."),
-    Declared("dicom_host", str, "127.0.0.1",
-             "Address the DIMSE listener binds to. Loopback unless you say otherwise.", _host),
+    Declared(
+        "data_dir",
+        Path,
+        Path("./stockade-data"),
+        "Folder for stored objects, the embedded SQLite index and logs.",
+    ),
+    Declared(
+        "database_url",
+        str,
+        "",
+        "SQLAlchemy URL of the index. Empty means SQLite in the data folder "
+        "(`sqlite:///<data_dir>/index.sqlite3`); PostgreSQL is "
+        "`postgresql+psycopg://user@host/db`.",
+    ),
+    Declared(
+        "dicom_host",
+        str,
+        "127.0.0.1",
+        "Address the DIMSE listener binds to. Loopback unless you say otherwise.",
+        _host,
+    ),
     Declared("dicom_port", int, 11112, "TCP port of the DIMSE listener.", _port),
-    Declared("dicom_ae_title", str, "STOCKADE", "AE title of the archive (called AE).",
-             _ae_title),
-    Declared("dicom_workers", int, 0,
-             "DIMSE worker processes sharing the listening socket; 0 means one per CPU core "
-             "(at most 8).", _non_negative),
-    Declared("max_associations", int, 32,
-             "Concurrent DIMSE associations per worker process; more are rejected "
-             "(transient, local limit exceeded).", _positive),
-    Declared("max_pdu_size", int, 256 * KiB,
-             "Maximum PDU length Stockade receives (PS3.8 D.1), announced to peers; a larger "
-             "PDU aborts the association.", _pdu),
-    Declared("dicom_idle_timeout", float, 60.0,
-             "Seconds an association may stay silent before it is aborted.", _positive),
-    Declared("dicom_acse_timeout", float, 30.0,
-             "Seconds a peer has to send its association request after connecting (ARTIM).",
-             _positive),
-    Declared("max_object_size", int, 1 * GiB,
-             "Largest DICOM object accepted, in bytes (data set as received, or file size).",
-             _positive),
-    Declared("max_nesting_depth", int, 32,
-             "Deepest sequence nesting accepted in a data set.", _positive),
-    Declared("max_elements", int, 500_000,
-             "Most data elements (nested ones included) accepted in one data set.", _positive),
-    Declared("allow_replace", bool, False,
-             "Let a different object replace a stored one with the same SOP Instance UID "
-             "(audited). Off: such an object is refused."),
-    Declared("http_host", str, "127.0.0.1",
-             "Address the HTTP (DICOMweb and UI) listener binds to.", _host),
+    Declared("dicom_ae_title", str, "STOCKADE", "AE title of the archive (called AE).", _ae_title),
+    Declared(
+        "dicom_workers",
+        int,
+        0,
+        "DIMSE worker processes sharing the listening socket; 0 means one per CPU core "
+        "(at most 8).",
+        _non_negative,
+    ),
+    Declared(
+        "max_associations",
+        int,
+        32,
+        "Concurrent DIMSE associations per worker process; more are rejected "
+        "(transient, local limit exceeded).",
+        _positive,
+    ),
+    Declared(
+        "max_pdu_size",
+        int,
+        256 * KiB,
+        "Maximum PDU length Stockade receives (PS3.8 D.1), announced to peers; a larger "
+        "PDU aborts the association.",
+        _pdu,
+    ),
+    Declared(
+        "dicom_idle_timeout",
+        float,
+        60.0,
+        "Seconds an association may stay silent before it is aborted.",
+        _positive,
+    ),
+    Declared(
+        "dicom_acse_timeout",
+        float,
+        30.0,
+        "Seconds a peer has to send its association request after connecting (ARTIM).",
+        _positive,
+    ),
+    Declared(
+        "max_object_size",
+        int,
+        1 * GiB,
+        "Largest DICOM object accepted, in bytes (data set as received, or file size).",
+        _positive,
+    ),
+    Declared(
+        "max_nesting_depth", int, 32, "Deepest sequence nesting accepted in a data set.", _positive
+    ),
+    Declared(
+        "max_elements",
+        int,
+        500_000,
+        "Most data elements (nested ones included) accepted in one data set.",
+        _positive,
+    ),
+    Declared(
+        "allow_replace",
+        bool,
+        False,
+        "Let a different object replace a stored one with the same SOP Instance UID "
+        "(audited). Off: such an object is refused.",
+    ),
+    Declared(
+        "http_host",
+        str,
+        "127.0.0.1",
+        "Address the HTTP (DICOMweb and UI) listener binds to.",
+        _host,
+    ),
     Declared("http_port", int, 8080, "TCP port of the HTTP listener.", _port),
     Declared("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", _log_level),
 )
@@ -240,7 +295,10 @@ def load(
         if decl.env in env:
             values[decl.name] = _convert(decl, env[decl.env], decl.env)
     unknown_env = sorted(
-        k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in _BY_NAME
+        k
+        for k in env
+        if k.startswith(ENV_PREFIX)
+        and k[len(ENV_PREFIX) :].lower() not in _BY_NAME
         and not k.startswith(ENV_PREFIX + "TEST_")
     )
     if unknown_env:

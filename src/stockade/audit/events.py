@@ -108,6 +108,11 @@ class IntegrityChecked(AuditEvent):
 
 
 EVENT_TYPES: tuple[type[AuditEvent], ...] = (
-    InstanceStored, InstanceRejected, AssociationRejected, SecurityAlert,
-    ApplicationActivity, NodeChanged, IntegrityChecked,
+    InstanceStored,
+    InstanceRejected,
+    AssociationRejected,
+    SecurityAlert,
+    ApplicationActivity,
+    NodeChanged,
+    IntegrityChecked,
 )

@@ -85,7 +85,7 @@ def _decode_text(raw: bytes, encodings: list[str], vr: str) -> str:
     if len(encodings) == 1 and encodings[0] in _SIMPLE_CODECS:
         codec = "utf-8" if encodings[0] in {"utf_8", "UTF8", "utf-8"} else "latin-1"
         return raw.decode(codec, "replace")
-    delimiters = {"^", "="} if vr == "PN" else None
+    delimiters = {0x5E, 0x3D} if vr == "PN" else set()  # "^" and "=" (PS3.5 6.2)
     with _charset_lock, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return str(decode_bytes(raw, encodings, delimiters))
@@ -124,7 +124,8 @@ def extract(
         if attr.vr == "US":
             out[attr.keyword] = (
                 struct.unpack("<H" if little_endian else ">H", raw[:2])[0]
-                if len(raw) >= 2 else None
+                if len(raw) >= 2
+                else None
             )
             continue
         if attr.vr in ("UI", "CS", "DA", "TM", "IS", "SH", "AE"):

@@ -32,9 +32,7 @@ SEQUENCE_DELIMITER = 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 
 #: VRs whose explicit encoding has 2 reserved bytes and a 32-bit length (PS3.5 Table 7.1-1).
-_LONG_VRS = frozenset(
-    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
-)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 #: Every VR of PS3.5 Table 6.2-1.
 _VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
@@ -104,9 +102,7 @@ class _Walker:
 
     # Each method returns the offset just after what it consumed.
 
-    def header(
-        self, pos: int, end: int, implicit: bool, little: bool
-    ) -> tuple[int, str, int, int]:
+    def header(self, pos: int, end: int, implicit: bool, little: bool) -> tuple[int, str, int, int]:
         """Read one element header at *pos*: (tag, vr, length, value_offset)."""
         buf = self.buf
         if end - pos < 8:
@@ -126,11 +122,14 @@ class _Walker:
         if vr_bytes not in _VRS:
             raise _Malformed(
                 f"element {_tag_text(tag)} at offset {pos} has no valid VR "
-                f"({vr_bytes!r}, PS3.5 6.2)", pos)
+                f"({vr_bytes!r}, PS3.5 6.2)",
+                pos,
+            )
         if vr_bytes in _LONG_VRS:
             if end - pos < 12:
-                raise _Malformed(f"truncated header of {_tag_text(tag)} at offset {pos}", pos,
-                                 overrun=True)
+                raise _Malformed(
+                    f"truncated header of {_tag_text(tag)} at offset {pos}", pos, overrun=True
+                )
             (length,) = struct.unpack_from("<L" if little else ">L", buf, pos + 8)
             return tag, vr_bytes.decode(), length, pos + 12
         (length,) = struct.unpack_from("<H" if little else ">H", buf, pos + 6)
@@ -141,7 +140,8 @@ class _Walker:
         if self.count > self.limits.max_elements:
             raise LimitExceeded(
                 f"data set has more than {self.limits.max_elements} elements "
-                f"(limit max_elements, at offset {pos})")
+                f"(limit max_elements, at offset {pos})"
+            )
 
     def element(
         self, pos: int, end: int, implicit: bool, little: bool, depth: int
@@ -150,37 +150,51 @@ class _Walker:
         tag, vr, length, start = self.header(pos, end, implicit, little)
         self.bump(pos)
         if tag >> 16 == 0xFFFE:
-            raise _Malformed(f"unexpected item or delimiter {_tag_text(tag)} at offset {pos}",
-                             pos)
+            raise _Malformed(f"unexpected item or delimiter {_tag_text(tag)} at offset {pos}", pos)
         if length == UNDEFINED_LENGTH:
             if vr == "SQ" or (implicit and vr not in ("OB", "OW")):
-                return tag, "SQ", start, self.sequence(start, end, None, implicit, little,
-                                                       depth + 1)
+                return (
+                    tag,
+                    "SQ",
+                    start,
+                    self.sequence(start, end, None, implicit, little, depth + 1),
+                )
             if vr == "UN":  # PS3.5 6.2.2: UN of undefined length holds implicit VR LE items
                 return tag, vr, start, self.sequence(start, end, None, True, True, depth + 1)
             if vr in ("OB", "OW") and not implicit:
                 return tag, vr, start, self.fragments(start, end)
             raise _Malformed(
                 f"element {_tag_text(tag)} ({vr}) at offset {pos} has an undefined length, "
-                "which PS3.5 7.1.2 allows only for SQ, UN and encapsulated pixel data", pos)
+                "which PS3.5 7.1.2 allows only for SQ, UN and encapsulated pixel data",
+                pos,
+            )
         value_end = start + length
         if value_end > end:
             raise _Malformed(
                 f"element {_tag_text(tag)} at offset {pos} declares {length} bytes but only "
-                f"{max(end - start, 0)} remain (PS3.5 7.1)", pos, overrun=True)
+                f"{max(end - start, 0)} remain (PS3.5 7.1)",
+                pos,
+                overrun=True,
+            )
         if vr == "SQ":
             self.sequence(start, value_end, value_end, implicit, little, depth + 1)
         return tag, vr, start, value_end
 
     def sequence(
-        self, pos: int, end: int, defined_end: int | None, implicit: bool, little: bool,
+        self,
+        pos: int,
+        end: int,
+        defined_end: int | None,
+        implicit: bool,
+        little: bool,
         depth: int,
     ) -> int:
         """Walk sequence items (PS3.5 7.5); return the offset after the sequence."""
         if depth > self.limits.max_depth:
             raise LimitExceeded(
                 f"sequences nested deeper than {self.limits.max_depth} at offset {pos} "
-                "(limit max_nesting_depth)")
+                "(limit max_nesting_depth)"
+            )
         while True:
             if defined_end is not None and pos == defined_end:
                 return pos
@@ -189,8 +203,7 @@ class _Walker:
             if tag == SEQUENCE_DELIMITER and defined_end is None:
                 return start
             if tag != ITEM:
-                raise _Malformed(f"expected an item at offset {pos}, found {_tag_text(tag)}",
-                                 pos)
+                raise _Malformed(f"expected an item at offset {pos}, found {_tag_text(tag)}", pos)
             if length == UNDEFINED_LENGTH:
                 pos = self.dataset(start, end, None, implicit, little, depth)
             else:
@@ -198,12 +211,20 @@ class _Walker:
                 if item_end > end:
                     raise _Malformed(
                         f"item at offset {pos} declares {length} bytes but only "
-                        f"{end - start} remain (PS3.5 7.5)", pos, overrun=True)
+                        f"{end - start} remain (PS3.5 7.5)",
+                        pos,
+                        overrun=True,
+                    )
                 self.dataset(start, item_end, item_end, implicit, little, depth)
                 pos = item_end
 
     def dataset(
-        self, pos: int, end: int, defined_end: int | None, implicit: bool, little: bool,
+        self,
+        pos: int,
+        end: int,
+        defined_end: int | None,
+        implicit: bool,
+        little: bool,
         depth: int,
     ) -> int:
         """Walk a nested data set (an item's content); return the offset after it."""
@@ -233,7 +254,10 @@ class _Walker:
             if start + length > end:
                 raise _Malformed(
                     f"pixel data fragment at offset {pos} declares {length} bytes but only "
-                    f"{end - start} remain (PS3.5 A.4)", pos, overrun=True)
+                    f"{end - start} remain (PS3.5 A.4)",
+                    pos,
+                    overrun=True,
+                )
             pos = start + length
 
 
@@ -279,12 +303,13 @@ def scan(
     values: dict[int, tuple[str, int, int]] = {}
     while pos < end:
         try:
-            tag, vr, value_start, next_pos = walker.element(pos, end, implicit_vr,
-                                                            little_endian, 0)
+            tag, vr, value_start, next_pos = walker.element(pos, end, implicit_vr, little_endian, 0)
             if tag <= last_tag:
                 raise _Malformed(
                     f"element {_tag_text(tag)} at offset {pos} is out of order after "
-                    f"{_tag_text(last_tag)} (PS3.5 7.1)", pos)
+                    f"{_tag_text(last_tag)} (PS3.5 7.1)",
+                    pos,
+                )
         except _Malformed as exc:
             if last_tag >= PIXEL_DATA:
                 # A complete data set ended with its pixel data; what follows is not DICOM.

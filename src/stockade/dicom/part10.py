@@ -41,7 +41,10 @@ class PreambleKind(StrEnum):
 _EXECUTABLE_MAGIC = (
     b"MZ",  # DOS/PE (the CVE-2019-11687 proof of concept)
     b"\x7fELF",
-    b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe", b"\xcf\xfa\xed\xfe",  # Mach-O
+    b"\xfe\xed\xfa\xce",
+    b"\xfe\xed\xfa\xcf",
+    b"\xce\xfa\xed\xfe",
+    b"\xcf\xfa\xed\xfe",  # Mach-O
     b"\xca\xfe\xba\xbe",  # Mach-O universal / Java class
     b"#!",  # script
 )
@@ -116,7 +119,10 @@ def read_part10(data: bytes | bytearray | memoryview) -> Part10:
     if meta_end == pos:
         raise InvalidObject("the file has no File Meta Information (PS3.10 7.1)")
     found = scan(
-        memoryview(data)[:meta_end], implicit_vr=False, little_endian=True, start=pos,
+        memoryview(data)[:meta_end],
+        implicit_vr=False,
+        little_endian=True,
+        start=pos,
         wanted=frozenset({TRANSFER_SYNTAX_UID, MEDIA_SOP_CLASS_UID, MEDIA_SOP_INSTANCE_UID}),
         limits=Limits(max_depth=2, max_elements=64),
     )
@@ -159,14 +165,16 @@ def file_header(
     Stockade always writes its own meta group: nothing a sender put in group 0002 (private
     information (0002,0102), say) is kept. The UIDs must already be validated.
     """
-    body = b"".join((
-        _element(0x00020001, b"OB", b"\x00\x01"),
-        _element(0x00020002, b"UI", _uid_value(sop_class_uid)),
-        _element(0x00020003, b"UI", _uid_value(sop_instance_uid)),
-        _element(0x00020010, b"UI", _uid_value(transfer_syntax)),
-        _element(0x00020012, b"UI", _uid_value(IMPLEMENTATION_CLASS_UID)),
-        _element(0x00020013, b"SH", _text_value(IMPLEMENTATION_VERSION_NAME)),
-        _element(0x00020016, b"AE", _text_value(source_ae)) if source_ae else b"",
-    ))
+    body = b"".join(
+        (
+            _element(0x00020001, b"OB", b"\x00\x01"),
+            _element(0x00020002, b"UI", _uid_value(sop_class_uid)),
+            _element(0x00020003, b"UI", _uid_value(sop_instance_uid)),
+            _element(0x00020010, b"UI", _uid_value(transfer_syntax)),
+            _element(0x00020012, b"UI", _uid_value(IMPLEMENTATION_CLASS_UID)),
+            _element(0x00020013, b"SH", _text_value(IMPLEMENTATION_VERSION_NAME)),
+            _element(0x00020016, b"AE", _text_value(source_ae)) if source_ae else b"",
+        )
+    )
     group_length = _element(0x00020000, b"UL", struct.pack("<L", len(body)))
     return ZERO_PREAMBLE + PREFIX + group_length + body

@@ -32,28 +32,43 @@ TRANSFER_SYNTAXES: tuple[TransferSyntax, ...] = (
     _TS("1.2.840.10008.1.2.2", "Explicit VR Big Endian", little_endian=False, retired=True),
     _TS("1.2.840.10008.1.2.4.50", "JPEG Baseline (Process 1)", encapsulated=True),
     _TS("1.2.840.10008.1.2.4.51", "JPEG Extended (Process 2 & 4)", encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.57", "JPEG Lossless, Non-Hierarchical (Process 14)",
-        encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.70", "JPEG Lossless, Non-Hierarchical, First-Order Prediction "
-        "(Process 14 [Selection Value 1])", encapsulated=True),
+    _TS(
+        "1.2.840.10008.1.2.4.57", "JPEG Lossless, Non-Hierarchical (Process 14)", encapsulated=True
+    ),
+    _TS(
+        "1.2.840.10008.1.2.4.70",
+        "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
+        encapsulated=True,
+    ),
     _TS("1.2.840.10008.1.2.4.80", "JPEG-LS Lossless Image Compression", encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.81", "JPEG-LS Lossy (Near-Lossless) Image Compression",
-        encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.90", "JPEG 2000 Image Compression (Lossless Only)",
-        encapsulated=True),
+    _TS(
+        "1.2.840.10008.1.2.4.81",
+        "JPEG-LS Lossy (Near-Lossless) Image Compression",
+        encapsulated=True,
+    ),
+    _TS("1.2.840.10008.1.2.4.90", "JPEG 2000 Image Compression (Lossless Only)", encapsulated=True),
     _TS("1.2.840.10008.1.2.4.91", "JPEG 2000 Image Compression", encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.201", "High-Throughput JPEG 2000 Image Compression "
-        "(Lossless Only)", encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.202", "High-Throughput JPEG 2000 with RPCL Options Image "
-        "Compression (Lossless Only)", encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.203", "High-Throughput JPEG 2000 Image Compression",
-        encapsulated=True),
+    _TS(
+        "1.2.840.10008.1.2.4.201",
+        "High-Throughput JPEG 2000 Image Compression (Lossless Only)",
+        encapsulated=True,
+    ),
+    _TS(
+        "1.2.840.10008.1.2.4.202",
+        "High-Throughput JPEG 2000 with RPCL Options Image Compression (Lossless Only)",
+        encapsulated=True,
+    ),
+    _TS(
+        "1.2.840.10008.1.2.4.203", "High-Throughput JPEG 2000 Image Compression", encapsulated=True
+    ),
     _TS("1.2.840.10008.1.2.5", "RLE Lossless", encapsulated=True),
     _TS("1.2.840.10008.1.2.4.100", "MPEG2 Main Profile / Main Level", encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.102", "MPEG-4 AVC/H.264 High Profile / Level 4.1",
-        encapsulated=True),
-    _TS("1.2.840.10008.1.2.4.103", "MPEG-4 AVC/H.264 BD-compatible High Profile / Level 4.1",
-        encapsulated=True),
+    _TS("1.2.840.10008.1.2.4.102", "MPEG-4 AVC/H.264 High Profile / Level 4.1", encapsulated=True),
+    _TS(
+        "1.2.840.10008.1.2.4.103",
+        "MPEG-4 AVC/H.264 BD-compatible High Profile / Level 4.1",
+        encapsulated=True,
+    ),
 )
 TRANSFER_SYNTAX_BY_UID: dict[str, TransferSyntax] = {ts.uid: ts for ts in TRANSFER_SYNTAXES}
 
@@ -66,5 +81,6 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 #: Every Storage SOP Class (PS3.4 Annex B.5) that the toolkit knows, accepted by default.
 STORAGE_SOP_CLASSES: dict[str, str] = {
-    str(cx.abstract_syntax): cx.abstract_syntax.name for cx in AllStoragePresentationContexts
+    str(cx.abstract_syntax): str(getattr(cx.abstract_syntax, "name", ""))
+    for cx in AllStoragePresentationContexts
 }

@@ -77,8 +77,14 @@ Admit = Callable[[str, str, str], Any]  # (calling AE, called AE, address) -> pe
 class Association:
     """Serves one TCP connection from association request to release or abort."""
 
-    def __init__(self, sock: socket.socket, address: str, ae_title: str,
-                 contexts: list[PresentationContext], limits: Limits) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: str,
+        ae_title: str,
+        contexts: list[PresentationContext],
+        limits: Limits,
+    ) -> None:
         self.sock = sock
         self.address = address
         self.ae_title = ae_title
@@ -107,11 +113,12 @@ class Association:
         if pdu_type == P_DATA_TF:
             if length > self.limits.max_pdu:
                 self.abort(ABORT_INVALID_PARAMETER)
-                raise _Closed(f"P-DATA-TF of {length} bytes exceeds the announced maximum "
-                              f"{self.limits.max_pdu} (PS3.8 D.1)")
+                raise _Closed(
+                    f"P-DATA-TF of {length} bytes exceeds the announced maximum "
+                    f"{self.limits.max_pdu} (PS3.8 D.1)"
+                )
             body = self.view[:length]
-        elif pdu_type in (ASSOCIATE_RQ, RELEASE_RQ, RELEASE_RP, ABORT, ASSOCIATE_AC,
-                          ASSOCIATE_RJ):
+        elif pdu_type in (ASSOCIATE_RQ, RELEASE_RQ, RELEASE_RP, ABORT, ASSOCIATE_AC, ASSOCIATE_RJ):
             if length > MAX_CONTROL_PDU:
                 self.abort(ABORT_INVALID_PARAMETER)
                 raise _Closed(f"PDU type {pdu_type:#04x} of {length} bytes is too long")
@@ -138,8 +145,9 @@ class Association:
     def reject(self, result: int, source: int, reason: int) -> None:
         """Send an A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
         try:
-            self.sock.sendall(struct.pack(">BBLBBBB", ASSOCIATE_RJ, 0, 4, 0, result, source,
-                                          reason))
+            self.sock.sendall(
+                struct.pack(">BBLBBBB", ASSOCIATE_RJ, 0, 4, 0, result, source, reason)
+            )
         except OSError:
             pass
 
@@ -178,17 +186,18 @@ class Association:
             self.reject(0x01, 0x01, diagnostic)
             raise _Closed(exc.reason) from None
 
-        roles: dict[str, tuple[bool, bool]] = {}
+        roles: dict[Any, tuple[bool | None, bool | None]] = {}
         for item in request.user_information:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = int(item.maximum_length_received or 0)
             elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
                 roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
         results, role_items = negotiate_as_acceptor(
-            request.presentation_context_definition_list, self.supported, roles or None)
+            request.presentation_context_definition_list, self.supported, roles or None
+        )
         for cx in results:
             if cx.result == 0x00:
-                self.accepted[int(cx.context_id)] = cx
+                self.accepted[int(cx.context_id or 0)] = cx
 
         reply = A_ASSOCIATE()
         reply.application_context_name = APPLICATION_CONTEXT
@@ -246,13 +255,16 @@ class Association:
                     raise _Closed("PDV item length exceeds its PDU (PS3.8 9.3.5.1)")
                 if cx not in self.accepted or (context_id >= 0 and cx != context_id):
                     self.abort(ABORT_INVALID_PARAMETER)
-                    raise _Closed(f"PDV on presentation context {cx}, which is not accepted "
-                                  "or not the one of the message in progress")
+                    raise _Closed(
+                        f"PDV on presentation context {cx}, which is not accepted "
+                        "or not the one of the message in progress"
+                    )
                 context_id = cx
                 is_command, is_last = header & 0x01, header & 0x02
                 if is_command:
                     if current is not None or len(command) + stop - start > (
-                            commands.MAX_COMMAND_LENGTH):
+                        commands.MAX_COMMAND_LENGTH
+                    ):
                         self.abort(ABORT_INVALID_PARAMETER)
                         raise _Closed("command fragment out of sequence or too long")
                     command += body[start:stop]
@@ -282,11 +294,18 @@ class Association:
                         current, dataset, context_id = None, None, -1
                 pos = stop
 
-    def _message(self, cx: int, command: dict[int, int | str], dataset: bytearray | None,
-                 dropped: int) -> Message:
+    def _message(
+        self, cx: int, command: dict[int, int | str], dataset: bytearray | None, dropped: int
+    ) -> Message:
         context = self.accepted[cx]
-        return Message(cx, command, dataset, str(context.transfer_syntax[0]),
-                       str(context.abstract_syntax), dropped)
+        return Message(
+            cx,
+            command,
+            dataset,
+            str(context.transfer_syntax[0]),
+            str(context.abstract_syntax),
+            dropped,
+        )
 
     def send_command(self, context_id: int, elements: list[tuple[int, int | str]]) -> None:
         """Send a command-only message (a response) in one P-DATA-TF PDU."""

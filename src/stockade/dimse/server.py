@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom.presentation import PresentationContext
 
@@ -32,14 +32,16 @@ PROCESSING_FAILURE = 0x0110
 
 def supported_contexts() -> list[PresentationContext]:
     """Verification plus every storage SOP class, each with every stored transfer syntax."""
-    syntaxes = [ts.uid for ts in TRANSFER_SYNTAXES]
+    syntaxes: list[Any] = [ts.uid for ts in TRANSFER_SYNTAXES]
     out = []
     for uid in (VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLASSES):
         cx = PresentationContext()
         cx.abstract_syntax = uid
         cx.transfer_syntax = (
-            syntaxes if uid != VERIFICATION_SOP_CLASS else ["1.2.840.10008.1.2.1",
-                                                            "1.2.840.10008.1.2"])
+            syntaxes
+            if uid != VERIFICATION_SOP_CLASS
+            else ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+        )
         out.append(cx)
     return out
 
@@ -53,9 +55,11 @@ class DimseServer:
         self.listener = listener
         self.contexts = supported_contexts()
         self.limits = Limits(
-            max_pdu=settings.max_pdu_size, max_object=settings.max_object_size,
+            max_pdu=settings.max_pdu_size,
+            max_object=settings.max_object_size,
             idle_timeout=settings.dicom_idle_timeout,
-            acse_timeout=settings.dicom_acse_timeout)
+            acse_timeout=settings.dicom_acse_timeout,
+        )
         self._active = 0
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
@@ -71,8 +75,12 @@ class DimseServer:
                     break
                 raise
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self._run, args=(conn, str(addr[0])),
-                                      name=f"assoc-{addr[0]}:{addr[1]}", daemon=True)
+            thread = threading.Thread(
+                target=self._run,
+                args=(conn, str(addr[0])),
+                name=f"assoc-{addr[0]}:{addr[1]}",
+                daemon=True,
+            )
             with self._lock:
                 self._threads.add(thread)
             thread.start()
@@ -94,8 +102,7 @@ class DimseServer:
         with self._lock:
             self._active += 1
             full = self._active > self.settings.max_associations
-        assoc = Association(conn, address, self.settings.dicom_ae_title, self.contexts,
-                            self.limits)
+        assoc = Association(conn, address, self.settings.dicom_ae_title, self.contexts, self.limits)
         try:
             peer = assoc.negotiate(self.archive.admit, full)
             log.info("association from %s (%s) accepted", assoc.calling_ae, address)
@@ -103,8 +110,7 @@ class DimseServer:
                 self._dispatch(assoc, peer, message)
             log.info("association from %s (%s) released", assoc.calling_ae, address)
         except _Closed as exc:
-            log.info("association from %s (%s) ended: %s", assoc.calling_ae or "?", address,
-                     exc)
+            log.info("association from %s (%s) ended: %s", assoc.calling_ae or "?", address, exc)
         except OSError as exc:
             log.info("association from %s ended by network error: %s", address, exc)
         finally:
@@ -125,13 +131,20 @@ class DimseServer:
             self._respond(assoc, message, Command.C_ECHO_RSP, message_id, status, comment)
         elif field == Command.C_STORE_RQ:
             status, comment = self._store(peer, message)
-            self._respond(assoc, message, Command.C_STORE_RSP, message_id, status, comment,
-                          instance=True)
+            self._respond(
+                assoc, message, Command.C_STORE_RSP, message_id, status, comment, instance=True
+            )
         else:
             log.warning("unsupported DIMSE command %r from %s", field, assoc.calling_ae)
             response = (int(field) | 0x8000) if isinstance(field, int) else 0x8000
-            self._respond(assoc, message, response, message_id, UNRECOGNIZED_OPERATION,
-                          "operation not supported")
+            self._respond(
+                assoc,
+                message,
+                response,
+                message_id,
+                UNRECOGNIZED_OPERATION,
+                "operation not supported",
+            )
 
     def _store(self, peer: Peer, message: Message) -> tuple[int, str | None]:
         """Run a C-STORE through the archive; map the outcome to a status (PS3.4 B.2.3)."""
@@ -140,9 +153,14 @@ class DimseServer:
         sop_instance = str(cmd.get(Tag.AFFECTED_SOP_INSTANCE_UID, ""))
         try:
             self.archive.store_dimse(
-                message.dataset or b"", message.transfer_syntax, sop_class_uid=sop_class,
-                sop_instance_uid=sop_instance, peer=peer,
-                abstract_syntax=message.abstract_syntax, dropped=message.too_large)
+                message.dataset or b"",
+                message.transfer_syntax,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
+                peer=peer,
+                abstract_syntax=message.abstract_syntax,
+                dropped=message.too_large,
+            )
         except StockadeError as exc:
             log.warning("C-STORE from %s refused: %s", peer.ae_title, exc.reason)
             return exc.dimse_status, exc.reason
@@ -151,13 +169,24 @@ class DimseServer:
             return PROCESSING_FAILURE, "internal error while storing; see the server log"
         return SUCCESS, None
 
-    def _respond(self, assoc: Association, message: Message, field: int, message_id: object,
-                 status: int, comment: str | None, *, instance: bool = False) -> None:
+    def _respond(
+        self,
+        assoc: Association,
+        message: Message,
+        field: int,
+        message_id: object,
+        status: int,
+        comment: str | None,
+        *,
+        instance: bool = False,
+    ) -> None:
         cmd = message.command
         elements: list[tuple[int, int | str]] = [
             (Tag.COMMAND_FIELD, field),
-            (Tag.MESSAGE_ID_BEING_RESPONDED_TO, int(message_id) if isinstance(message_id, int)
-             else 0),
+            (
+                Tag.MESSAGE_ID_BEING_RESPONDED_TO,
+                int(message_id) if isinstance(message_id, int) else 0,
+            ),
             (Tag.COMMAND_DATA_SET_TYPE, 0x0101),
             (Tag.STATUS, status),
         ]
@@ -165,8 +194,9 @@ class DimseServer:
         if sop_class is not None:
             elements.append((Tag.AFFECTED_SOP_CLASS_UID, str(sop_class)[:64]))
         if instance and cmd.get(Tag.AFFECTED_SOP_INSTANCE_UID) is not None:
-            elements.append((Tag.AFFECTED_SOP_INSTANCE_UID,
-                             str(cmd[Tag.AFFECTED_SOP_INSTANCE_UID])[:64]))
+            elements.append(
+                (Tag.AFFECTED_SOP_INSTANCE_UID, str(cmd[Tag.AFFECTED_SOP_INSTANCE_UID])[:64])
+            )
         if comment and status != SUCCESS:
             elements.append((Tag.ERROR_COMMENT, error_comment(comment)))
         assoc.send_command(message.context_id, elements)

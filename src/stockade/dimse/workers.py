@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -38,8 +37,9 @@ def bind_listener(settings: Settings) -> socket.socket:
         sock.bind((settings.dicom_host, settings.dicom_port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {settings.dicom_host}:{settings.dicom_port}: "
-                          f"{exc.strerror}") from None
+        raise ConfigError(
+            f"cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc.strerror}"
+        ) from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -84,9 +84,15 @@ def serve(settings: Settings, config_file: Path | None) -> int:
         archive.close()
     listener = bind_listener(settings)
     workers = settings.worker_count
-    log.info("Stockade DIMSE listening on %s:%d as %s (%d worker%s), data in %s",
-             settings.dicom_host, settings.dicom_port, settings.dicom_ae_title, workers,
-             "" if workers == 1 else "s", settings.data_dir.resolve())
+    log.info(
+        "Stockade DIMSE listening on %s:%d as %s (%d worker%s), data in %s",
+        settings.dicom_host,
+        settings.dicom_port,
+        settings.dicom_ae_title,
+        workers,
+        "" if workers == 1 else "s",
+        settings.data_dir.resolve(),
+    )
     audit = build_archive(settings)
     audit.started("dimse")
     try:
@@ -106,8 +112,9 @@ def _spawn(config_file: Path | None, fd: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, pass_fds=(fd,))
 
 
-def _supervise(settings: Settings, config_file: Path | None, listener: socket.socket,
-               count: int) -> int:
+def _supervise(
+    settings: Settings, config_file: Path | None, listener: socket.socket, count: int
+) -> int:
     fd = listener.fileno()
     children = [_spawn(config_file, fd) for _ in range(count)]
     signal.signal(signal.SIGTERM, _raise_stop)

@@ -101,9 +101,10 @@ class FilesystemBlobStore:
                 views = [memoryview(part) for part in parts]
                 for view in views:
                     size += len(view)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
+                    rest = view
+                    while rest:
+                        written = os.write(fd, rest)
+                        rest = rest[written:]
                 # fsync and SHA-256 both release the GIL: run them side by side.
                 syncer = _Fsync(fd)
                 syncer.start()
