@@ -7,6 +7,7 @@ listening socket (see :mod:`stockade.dimse.workers`); each runs a :class:`DimseS
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -70,10 +71,14 @@ class DimseServer:
         while not self._stopping.is_set():
             try:
                 conn, addr = self.listener.accept()
-            except OSError:
-                if self._stopping.is_set():
+            except OSError as exc:
+                # EINVAL/EBADF: the shared listener was shut down (by us or a sibling worker
+                # at shutdown). Anything else (EMFILE, ECONNABORTED...) is transient.
+                if self._stopping.is_set() or exc.errno in (errno.EINVAL, errno.EBADF):
                     break
-                raise
+                log.warning("accept failed: %s", exc)
+                self._stopping.wait(0.05)
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(
                 target=self._run,
