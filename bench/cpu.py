@@ -36,14 +36,15 @@ def system_steal() -> float:
     return _cpu_line()[7] / CLOCK_TICKS
 
 
-def group_cpu(pgid: int) -> float:
-    """CPU seconds used by the live processes of process group *pgid* and their reaped children.
+def group_cpu(pgid: int, also: str | None = None) -> tuple[float, float]:
+    """CPU seconds used by process group *pgid*, and by processes named *also* outside it.
 
     Each process counts its own user and system time plus that of the children it waited
-    for (``cutime``/``cstime``), so short-lived children (``storescp --fork``) are included
-    once their parent reaped them.
+    for (``cutime``/``cstime``), so short-lived children (``storescp --fork``, PostgreSQL
+    backends reaped by the postmaster) are included once their parent reaped them. *also*
+    names (by ``comm``) a separate server the archive uses, e.g. ``postgres``.
     """
-    total = 0
+    group = extra = 0
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
@@ -51,12 +52,15 @@ def group_cpu(pgid: int) -> float:
             raw = (entry / "stat").read_text(encoding="ascii", errors="replace")
         except OSError:  # the process exited meanwhile
             continue
-        # Fields after the command name, which is in parentheses and may hold spaces.
+        # The command name is in parentheses and may hold spaces; fields follow it.
+        comm = raw[raw.find("(") + 1 : raw.rfind(")")]
         rest = raw[raw.rfind(")") + 2 :].split()
-        if int(rest[2]) != pgid:  # field 5, pgrp
-            continue
-        total += sum(int(v) for v in rest[11:15])  # fields 14-17: utime stime cutime cstime
-    return total / CLOCK_TICKS
+        ticks = sum(int(v) for v in rest[11:15])  # fields 14-17: utime stime cutime cstime
+        if int(rest[2]) == pgid:  # field 5, pgrp
+            group += ticks
+        elif also is not None and comm == also:
+            extra += ticks
+    return group / CLOCK_TICKS, extra / CLOCK_TICKS
 
 
 def _children_cpu() -> float:
@@ -70,6 +74,8 @@ class CpuUse:
 
     wall: float
     server: float
+    #: The separate database server the archive uses (PostgreSQL), if any.
+    database: float
     clients: float
     foreign: float
     steal: float
@@ -82,18 +88,25 @@ class CpuUse:
 
 class CpuMeter:
     """Measures a window: call :meth:`start` just before the clients start, :meth:`stop`
-    right after the last one was reaped (the clients must be our direct children)."""
+    right after the last one was reaped (the clients must be our direct children).
 
-    def __init__(self, server_pgid: int) -> None:
+    *database* names the processes of a separate database server (``postgres``) whose CPU
+    time counts as the archive's, not as foreign load. On a shared machine that also takes in
+    other users of the same database server.
+    """
+
+    def __init__(self, server_pgid: int, database: str | None = None) -> None:
         self.server_pgid = server_pgid
+        self.database = database
         self._start: tuple[float, ...] | None = None
 
-    @staticmethod
-    def _sample(pgid: int) -> tuple[float, ...]:
+    def _sample(self) -> tuple[float, ...]:
+        group, database = group_cpu(self.server_pgid, self.database)
         return (
             time.perf_counter(),
             system_busy(),
-            group_cpu(pgid),
+            group,
+            database,
             _children_cpu(),
             time.process_time(),
             system_steal(),
@@ -101,17 +114,24 @@ class CpuMeter:
 
     def start(self) -> None:
         """Take the first sample."""
-        self._start = self._sample(self.server_pgid)
+        self._start = self._sample()
 
     def stop(self) -> CpuUse:
         """Take the second sample and return the use in between."""
         assert self._start is not None, "start() first"
-        end = self._sample(self.server_pgid)
-        wall, busy, server, clients, me, steal = (
+        end = self._sample()
+        wall, busy, server, database, clients, me, steal = (
             b - a for a, b in zip(self._start, end, strict=True)
         )
-        foreign = max(0.0, busy - server - clients - me)
-        return CpuUse(wall=wall, server=server, clients=clients, foreign=foreign, steal=steal)
+        foreign = max(0.0, busy - server - database - clients - me)
+        return CpuUse(
+            wall=wall,
+            server=server,
+            database=database,
+            clients=clients,
+            foreign=foreign,
+            steal=steal,
+        )
 
 
 def busy_cores(interval: float = 1.0) -> float:

@@ -65,9 +65,12 @@ class Run:
     storescu_problem_lines: int = 0
     server_exit_code: int | None = None
     server_problem_lines: int = 0
-    #: CPU seconds during the timed window: archive process group, storescu clients, others.
+    #: CPU seconds during the timed window: the archive (its process group, plus PostgreSQL
+    #: when it is the index), the storescu clients, and every other process ("foreign").
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    #: Part of server_cpu_s used by a separate database server (PostgreSQL processes).
+    database_cpu_s: float = 0.0
     foreign_cpu_s: float = 0.0
     #: CPU seconds the hypervisor withheld from this machine during the window.
     steal_cpu_s: float = 0.0
@@ -159,7 +162,7 @@ def send(
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     assert session.service.proc is not None
-    meter = CpuMeter(session.service.proc.pid)
+    meter = CpuMeter(session.service.proc.pid, session.database_process)
     try:
         meter.start()
         start = time.perf_counter()
@@ -199,7 +202,8 @@ def send(
                 raise BenchError(f"storescu did not finish within {timeout:.0f} s") from None
         run.seconds = time.perf_counter() - start
         use = meter.stop()
-        run.server_cpu_s, run.client_cpu_s = use.server, use.clients
+        run.server_cpu_s, run.database_cpu_s = use.server + use.database, use.database
+        run.client_cpu_s = use.clients
         run.foreign_cpu_s, run.steal_cpu_s = use.foreign, use.steal
     finally:
         for proc in procs:

@@ -54,6 +54,8 @@ class Session:
     count_running: Callable[[], int] | None = None
     #: Counts stored instances after the archive stopped.
     count_stopped: Callable[[], int] | None = None
+    #: Process name of a separate database server the archive uses (its CPU counts as ours).
+    database_process: str | None = None
     #: Things worth reporting about this session (settings in force, start-up time, ...).
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -165,7 +167,11 @@ class Stockade(Target):
             )
             started = wait_for_echo(service, self.ae, port, self.startup_timeout)
             # The working tree may change while a long benchmark runs: note what was served.
-            notes = {"startup_s": f"{started:.1f}", "src_changes": _git_changes() or "none"}
+            notes = {
+                "startup_s": f"{started:.1f}",
+                "revision": first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
+                "src_changes": _git_changes() or "none",
+            }
             match = re.search(r"\((\d+) workers?\)", service.log_tail(50))
             if match:
                 notes["workers_running"] = match.group(1)
@@ -173,7 +179,14 @@ class Stockade(Target):
             def verify() -> int:
                 return _stockade_verify(env, run_dir / "verify.log")
 
-            yield Session(self.ae, port, service, count_stopped=verify, notes=notes)
+            yield Session(
+                self.ae,
+                port,
+                service,
+                count_stopped=verify,
+                database_process="postgres" if self.database_url else None,
+                notes=notes,
+            )
 
 
 def _git_changes() -> str:
