@@ -21,7 +21,7 @@ from stockade.audit.events import (
     NodeChanged,
 )
 from stockade.audit.sink import AuditSink
-from stockade.dicom.uids import uid_problem
+from stockade.dicom.uids import ae_title_problem, uid_problem
 from stockade.errors import ConfigError, IntegrityError, NotAuthorized, StorageFailure
 from stockade.index.base import Index, Node, StoredInstance
 from stockade.ingest import Buffer, Ingest, Origin, StoreResult
@@ -60,15 +60,6 @@ class VerifyReport:
     def ok(self) -> bool:
         """True if index and storage agree and every hash matched."""
         return not self.problems
-
-
-def ae_title_problem(value: str) -> str | None:
-    """What is wrong with an AE title (PS3.5 6.2, AE VR), or None."""
-    if not value.strip() or len(value) > 16:
-        return "must be 1 to 16 characters"
-    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in value):
-        return "must be printable ASCII without backslash"
-    return None
 
 
 def _addresses(host: str) -> set[str]:

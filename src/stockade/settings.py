@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from stockade.dicom.uids import ae_title_problem
 from stockade.errors import ConfigError
 
 ENV_PREFIX = "STOCKADE_"
@@ -51,16 +52,6 @@ def _positive(value: float) -> str | None:
 
 def _non_negative(value: int) -> str | None:
     return None if value >= 0 else "must be zero or more"
-
-
-def _ae_title(value: str) -> str | None:
-    # PS3.5 6.2, AE VR: at most 16 characters of the default repertoire, no backslash or
-    # control characters, not all spaces.
-    if not value.strip() or len(value) > 16:
-        return "must be 1 to 16 characters"
-    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in value):
-        return "must be printable ASCII without backslash"
-    return None
 
 
 def _host(value: str) -> str | None:
@@ -103,7 +94,9 @@ DECLARED: tuple[Declared, ...] = (
         _host,
     ),
     Declared("dicom_port", int, 11112, "TCP port of the DIMSE listener.", _port),
-    Declared("dicom_ae_title", str, "STOCKADE", "AE title of the archive (called AE).", _ae_title),
+    Declared(
+        "dicom_ae_title", str, "STOCKADE", "AE title of the archive (called AE).", ae_title_problem
+    ),
     Declared(
         "dicom_workers",
         int,

@@ -36,3 +36,16 @@ def uid_problem(value: str | None) -> str | None:
 def is_valid_uid(value: str | None) -> bool:
     """Return True if *value* is a valid UID per PS3.5 9.1."""
     return uid_problem(value) is None
+
+
+def ae_title_problem(value: str) -> str | None:
+    """Say what is wrong with an AE title (PS3.5 6.2, AE VR), or return None.
+
+    At most 16 characters of the default repertoire, no backslash or control characters, not
+    all spaces.
+    """
+    if not value.strip() or len(value) > 16:
+        return "must be 1 to 16 characters"
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in value):
+        return "must be printable ASCII without backslash"
+    return None
