@@ -6,6 +6,7 @@ archive: store, verify, peer (node) management and the association admission pol
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -252,8 +253,6 @@ class Archive:
         IntegrityError
             The blob is missing, or its size or SHA-256 differ from the index.
         """
-        import hashlib
-
         digest = hashlib.sha256()
         size = 0
         try:

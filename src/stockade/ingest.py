@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -163,9 +164,12 @@ class Ingest:
 
         return self._guarded(run, origin, None)
 
-    def _guarded(self, run: object, origin: Origin, sop_uid: str | None) -> StoreResult:
+    def _guarded(
+        self, run: Callable[[], StoreResult], origin: Origin, sop_uid: str | None
+    ) -> StoreResult:
+        """Run one ingest; audit a refusal (one record per refused object) and re-raise."""
         try:
-            return run()  # type: ignore[operator,no-any-return]
+            return run()
         except StockadeError as exc:
             self.audit.emit(
                 InstanceRejected(
