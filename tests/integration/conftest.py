@@ -462,7 +462,7 @@ def assert_index_matches_storage(server: StockadeServer) -> list[Row]:
     """Check index against blobs directly, not through ``verify``; return the rows.
 
     Every row has its blob at ``blobs/<blob_key>`` with the recorded size and SHA-256, the
-    key is ``sha256/ab/cd/<sha256>``, the file is Part 10 with a zero preamble, and every
+    key is ``sha256/ab/<sha256>``, the file is Part 10 with a zero preamble, and every
     file under ``blobs/`` is referenced by a row.
     """
     rows = server.rows()
@@ -470,7 +470,7 @@ def assert_index_matches_storage(server: StockadeServer) -> list[Row]:
     problems = []
     for row in rows:
         h = row.sha256
-        if row.blob_key != f"sha256/{h[:2]}/{h[2:4]}/{h}":
+        if row.blob_key != f"sha256/{h[:2]}/{h}":
             problems.append(f"{row.sop_uid}: key {row.blob_key} is not derived from {h}")
         path = files.get(row.blob_key)
         if path is None:

@@ -14,12 +14,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-_KEY = re.compile(r"sha256/[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}")
+_KEY = re.compile(r"sha256/[0-9a-f]{2}/[0-9a-f]{64}")
 
 
 def key_for(sha256_hex: str) -> str:
-    """The storage key of a blob with this SHA-256 (lower-case hex)."""
-    return f"sha256/{sha256_hex[:2]}/{sha256_hex[2:4]}/{sha256_hex}"
+    """The storage key of a blob with this SHA-256 (lower-case hex).
+
+    One level of 256 folders: a new archive has them all after about 1,500 objects, and
+    each holds about 40,000 objects at 10 million (ext4 and XFS index large folders).
+    """
+    return f"sha256/{sha256_hex[:2]}/{sha256_hex}"
 
 
 def check_key(key: str) -> str:
