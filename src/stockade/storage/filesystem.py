@@ -25,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -36,6 +37,20 @@ from typing import BinaryIO
 
 from stockade.errors import StorageFailure
 from stockade.storage.base import RecoveryReport, Staged, check_key, key_for
+
+log = logging.getLogger(__name__)
+#: Empty staging files kept ready per process (refilled in the background at half).
+SPARES = 32
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+_REUSE = os.O_WRONLY | os.O_NOFOLLOW
+
+
+def _write_and_sync(fd: int, views: list[memoryview]) -> None:
+    for view in views:
+        rest = view
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+    os.fsync(fd)
 
 
 def _fsync_dir(path: Path | str) -> None:
@@ -66,6 +81,11 @@ class FilesystemBlobStore:
         self._syncer: ThreadPoolExecutor | None = None
         self._folders: set[str] = set()  # blob folders known to exist
         self._unsynced: set[str] = set()  # blob folders renamed into since their last fsync
+        # Empty staging files whose directory entries are already durable: staging an object
+        # into one needs no fsync of the folder on the way to the answer.
+        self._spares: list[str] = []
+        self._spares_lock = threading.Lock()
+        self._refilling = False
 
     # -- staging ---------------------------------------------------------------------------
 
@@ -88,8 +108,37 @@ class FilesystemBlobStore:
         self._area_str = str(area)
         self._area_fd = os.open(area, os.O_RDONLY | os.O_DIRECTORY)
         self._syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
-        self._folders, self._unsynced = set(), set()
+        self._folders, self._unsynced, self._spares = set(), set(), []
+        self._refilling = True
+        self._refill()
         return area
+
+    def _take_spare(self) -> str | None:
+        with self._spares_lock:
+            token = self._spares.pop() if self._spares else None
+            refill = len(self._spares) < SPARES // 2 and not self._refilling
+            if refill:
+                self._refilling = True
+        if refill and self._syncer is not None:
+            self._syncer.submit(self._refill)
+        return token
+
+    def _refill(self) -> None:
+        """Create empty staging files, then make their entries durable with one fsync."""
+        made: list[str] = []
+        try:
+            for _ in range(SPARES - len(self._spares)):
+                token = secrets.token_hex(16)
+                os.close(os.open(self._staged_path(token), _CREATE, 0o600))
+                made.append(token)
+            os.fsync(self._area_fd)
+        except OSError as exc:
+            log.warning("cannot prepare staging files: %s", exc.strerror)
+            made = []
+        finally:
+            with self._spares_lock:
+                self._spares.extend(made)
+                self._refilling = False
 
     def _staged_path(self, token: str) -> str:
         if len(token) != 32 or not all(c in "0123456789abcdef" for c in token):
@@ -98,32 +147,32 @@ class FilesystemBlobStore:
         return f"{self._area_str}{os.sep}{token}.tmp"
 
     def stage(self, parts: Iterable[bytes | bytearray | memoryview]) -> Staged:
-        """Write *parts* to a new staging file, fsync it and its folder, and hash it."""
-        token = secrets.token_hex(16)
+        """Write *parts* to a staging file, make it durable and hash it."""
+        token = self._take_spare()
+        fresh = token is None
+        if token is None:
+            token = secrets.token_hex(16)
         path = self._staged_path(token)
         digest = hashlib.sha256()
         size = 0
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, _CREATE if fresh else _REUSE, 0o600)
             try:
                 views = [memoryview(part) for part in parts]
-                for view in views:
-                    size += len(view)
-                    rest = view
-                    while rest:
-                        written = os.write(fd, rest)
-                        rest = rest[written:]
-                # fsync and SHA-256 both release the GIL: run them side by side.
+                size = sum(len(view) for view in views)
+                # Writing, fsync and SHA-256 all release the GIL: the pool writes and syncs
+                # while this thread hashes the same bytes.
                 syncer = self._syncer
                 if syncer is None:  # pragma: no cover - created with the staging area
                     raise OSError(errno.EIO, "staging area is not ready")
-                synced = syncer.submit(os.fsync, fd)
+                written = syncer.submit(_write_and_sync, fd, views)
                 for view in views:
                     digest.update(view)
-                synced.result()
+                written.result()
             finally:
                 os.close(fd)
-            os.fsync(self._area_fd)  # the new file's directory entry
+            if fresh:
+                os.fsync(self._area_fd)  # the new file's directory entry
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(path)
