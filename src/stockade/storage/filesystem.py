@@ -279,6 +279,9 @@ class FilesystemBlobStore:
                         continue  # its process is alive
                     raise
                 for tmp in area.glob("*.tmp"):
+                    if tmp.stat().st_size == 0:  # a spare never written to
+                        tmp.unlink()
+                        continue
                     digest = hashlib.sha256()
                     with tmp.open("rb") as fh:
                         while chunk := fh.read(1 << 20):
