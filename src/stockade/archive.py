@@ -25,7 +25,7 @@ from stockade.audit.sink import AuditSink
 from stockade.dicom.uids import ae_title_problem, uid_problem
 from stockade.errors import ConfigError, IntegrityError, NotAuthorized, StorageFailure
 from stockade.index.base import Index, Node, StoredInstance
-from stockade.ingest import Buffer, Ingest, Origin, StoreResult
+from stockade.ingest import Buffer, Ingest, Origin, Receiving, StoreResult
 from stockade.settings import Settings, is_loopback
 from stockade.storage.base import BlobStore, RecoveryReport
 
@@ -142,9 +142,18 @@ class Archive:
         peer: Peer,
         abstract_syntax: str | None = None,
         dropped: int = 0,
+        receiving: Receiving | None = None,
     ) -> StoreResult:
-        """Store a C-STORE data set (PS3.4 B.2.2) from an admitted peer."""
-        peer.check("store")
+        """Store a C-STORE data set (PS3.4 B.2.2) from an admitted peer.
+
+        *receiving* is what :meth:`receive_dimse` returned for this data set, if anything.
+        """
+        try:
+            peer.check("store")
+        except NotAuthorized:
+            if receiving is not None:
+                receiving.abort()
+            raise
         origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address)
         return self.ingest.from_dimse(
             dataset,
@@ -154,6 +163,24 @@ class Archive:
             origin=origin,
             abstract_syntax=abstract_syntax,
             dropped=dropped,
+            receiving=receiving,
+        )
+
+    def receive_dimse(
+        self, transfer_syntax: str, *, sop_class_uid: str, sop_instance_uid: str, peer: Peer
+    ) -> Receiving | None:
+        """Stage a C-STORE data set while it arrives (then pass it to :meth:`store_dimse`).
+
+        None when the peer may not store or the request is already known to be refused.
+        """
+        if "store" not in peer.allow:
+            return None
+        origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address)
+        return self.ingest.receive(
+            transfer_syntax,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            origin=origin,
         )
 
     def store_file(self, data: Buffer, origin: Origin) -> StoreResult:

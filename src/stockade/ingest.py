@@ -39,7 +39,7 @@ from stockade.errors import (
 )
 from stockade.index.base import Index, InstanceRecord, Outcome
 from stockade.settings import Settings
-from stockade.storage.base import BlobStore
+from stockade.storage.base import BlobStore, StagingWriter
 
 log = logging.getLogger(__name__)
 Buffer = bytes | bytearray | memoryview
@@ -89,6 +89,26 @@ def _inflate(data: Buffer, cap: int) -> tuple[bytes, int]:
     return out, 0 if unused == b"\x00" else len(unused)
 
 
+@dataclass(frozen=True)
+class Receiving:
+    """A C-STORE data set being staged as it arrives (see :meth:`Ingest.receive`)."""
+
+    header: bytes
+    writer: StagingWriter
+
+    def write(self, fragment: Buffer) -> None:
+        """Append the next fragment of the data set."""
+        self.writer.write(fragment)
+
+    def abort(self) -> None:
+        """Drop what was staged (the data set will not be stored)."""
+        self.writer.abort()
+
+
+def _source_ae(origin: Origin) -> str | None:
+    return origin.ae_title if origin.ae_title and len(origin.ae_title) <= 16 else None
+
+
 class Ingest:
     """Runs objects through the pipeline into a blob store and an index."""
 
@@ -113,11 +133,14 @@ class Ingest:
         origin: Origin,
         abstract_syntax: str | None = None,
         dropped: int = 0,
+        receiving: Receiving | None = None,
     ) -> StoreResult:
         """Store a data set received by C-STORE (PS3.4 B.2): no preamble on the wire.
 
         *dropped* is the number of bytes the adapter discarded because the data set passed
-        ``max_object_size``; *abstract_syntax* is that of the presentation context used.
+        ``max_object_size``; *abstract_syntax* is that of the presentation context used;
+        *receiving* is what :meth:`receive` returned for this data set, if the adapter
+        asked for it. It is finished or dropped here, whatever the outcome.
         """
 
         def run() -> StoreResult:
@@ -137,11 +160,45 @@ class Ingest:
                     "Affected SOP Class UID differs from the presentation "
                     "context's abstract syntax (PS3.4 B.2.2)"
                 )
+            if receiving is not None:
+                receiving.writer.start_sync()  # durable while the data set is checked
             return self._ingest(
-                dataset, transfer_syntax, PreambleKind.NONE, sop_class_uid, sop_instance_uid, origin
+                dataset,
+                transfer_syntax,
+                PreambleKind.NONE,
+                sop_class_uid,
+                sop_instance_uid,
+                origin,
+                receiving,
             )
 
-        return self._guarded(run, origin, sop_instance_uid)
+        try:
+            return self._guarded(run, origin, sop_instance_uid)
+        finally:
+            if receiving is not None:
+                receiving.writer.abort()  # a no-op once it became the staged blob
+
+    def receive(
+        self, transfer_syntax: str, *, sop_class_uid: str, sop_instance_uid: str, origin: Origin
+    ) -> Receiving | None:
+        """Start staging a C-STORE data set while it is still arriving.
+
+        The stored copy is the File Meta Information built from the request (the data set
+        must agree with it, which :meth:`from_dimse` checks) followed by the data set as
+        received, so both can be written and hashed as the PDUs come in. None when the
+        request is already known to be refused (its UIDs or transfer syntax are invalid):
+        the adapter then only buffers, and :meth:`from_dimse` says why.
+        """
+        if (
+            uid_problem(sop_class_uid)
+            or uid_problem(sop_instance_uid)
+            or transfer_syntax not in TRANSFER_SYNTAX_BY_UID
+        ):
+            return None
+        header = file_header(sop_class_uid, sop_instance_uid, transfer_syntax, _source_ae(origin))
+        writer = self.store.writer()
+        writer.write(header)
+        return Receiving(header, writer)
 
     def from_file(self, data: Buffer, origin: Origin) -> StoreResult:
         """Store a DICOM Part 10 file (PS3.10 7.1) read from media, a folder or a ZIP."""
@@ -190,6 +247,7 @@ class Ingest:
         claimed_class: str | None,
         claimed_instance: str | None,
         origin: Origin,
+        receiving: Receiving | None = None,
     ) -> StoreResult:
         settings = self.settings
         if len(dataset) > settings.max_object_size:
@@ -258,9 +316,17 @@ class Ingest:
             warnings.append(f"preamble classified {preamble.value} was replaced by zeros")
 
         # 2 + 4. sanitised copy, staged durably
-        source_ae = origin.ae_title if origin.ae_title and len(origin.ae_title) <= 16 else None
+        source_ae = _source_ae(origin)
         header = file_header(sop_class, sop_instance, ts_uid, source_ae)
-        staged = self.store.stage((header, stored))
+        if (
+            receiving is not None
+            and stored is dataset
+            and receiving.header == header
+            and receiving.writer.size == len(header) + len(stored)
+        ):
+            staged = receiving.writer.finish()  # what arrived is exactly what is kept
+        else:
+            staged = self.store.stage((header, stored))
         record = InstanceRecord(
             attributes=attrs,
             sha256=staged.sha256,

@@ -409,8 +409,12 @@ class StockadeServer:
         return {p.relative_to(base).as_posix(): p for p in base.rglob("*") if p.is_file()}
 
     def staging_tmp_files(self) -> list[Path]:
+        """Staged objects left behind (the empty spare files a live process keeps ready
+        are not objects)."""
         staging = self.data_dir / "staging"
-        return sorted(staging.rglob("*.tmp")) if staging.exists() else []
+        if not staging.exists():
+            return []
+        return sorted(p for p in staging.rglob("*.tmp") if p.stat().st_size > 0)
 
     def audit(self) -> list[dict[str, Any]]:
         path = self.data_dir / "audit" / "audit.jsonl"

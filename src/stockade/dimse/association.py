@@ -15,7 +15,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -59,6 +59,21 @@ class Message:
     transfer_syntax: str
     abstract_syntax: str
     too_large: int = 0  # bytes dropped when the data set passed max_object_size
+    receiver: Receiver | None = None  # where the data set was also streamed, if anywhere
+
+
+class Receiver(Protocol):
+    """Takes a data set's fragments as they arrive (the archive stages them)."""
+
+    def write(self, fragment: memoryview) -> None:
+        """Take the next fragment."""
+
+    def abort(self) -> None:
+        """The data set will not be complete or will not be stored."""
+
+
+#: (context id, decoded command, transfer syntax, abstract syntax) -> a receiver or None
+OnDataset = Callable[[int, dict[int, int | str], str, str], Receiver | None]
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,7 @@ class Association:
         self.calling_ae = ""
         self.buffer = bytearray(limits.max_pdu)
         self.view = memoryview(self.buffer)
+        self._receiver: Receiver | None = None
 
     # -- socket I/O ------------------------------------------------------------------------
 
@@ -220,8 +236,20 @@ class Association:
 
     # -- data transfer ---------------------------------------------------------------------
 
-    def messages(self) -> Any:
-        """Yield complete DIMSE messages until the peer releases or aborts."""
+    def messages(self, on_dataset: OnDataset | None = None) -> Any:
+        """Yield complete DIMSE messages until the peer releases or aborts.
+
+        *on_dataset* is called when a command announces a data set; the receiver it returns
+        gets every fragment of that data set as it arrives, besides the buffered copy.
+        """
+        try:
+            yield from self._messages(on_dataset)
+        finally:
+            if self._receiver is not None:  # the association ended inside a data set
+                self._receiver.abort()
+                self._receiver = None
+
+    def _messages(self, on_dataset: OnDataset | None) -> Any:
         self.sock.settimeout(self.limits.idle_timeout)
         command = bytearray()
         dataset: bytearray | None = None
@@ -280,6 +308,14 @@ class Association:
                             current, context_id = None, -1
                         else:
                             dataset, dropped = bytearray(), 0
+                            if on_dataset is not None:
+                                context = self.accepted[context_id]
+                                self._receiver = on_dataset(
+                                    context_id,
+                                    current,
+                                    str(context.transfer_syntax[0]),
+                                    str(context.abstract_syntax),
+                                )
                 else:
                     if current is None or dataset is None:
                         self.abort(ABORT_UNEXPECTED_PDU)
@@ -287,10 +323,18 @@ class Association:
                     if dropped or len(dataset) + stop - start > self.limits.max_object:
                         dropped += len(dataset) + stop - start
                         dataset = bytearray()  # drain, keep memory flat
+                        if self._receiver is not None:
+                            self._receiver.abort()
+                            self._receiver = None
                     else:
-                        dataset += body[start:stop]
+                        fragment = body[start:stop]
+                        dataset += fragment
+                        if self._receiver is not None:
+                            self._receiver.write(fragment)
                     if is_last:
-                        yield self._message(context_id, current, dataset, dropped)
+                        message = self._message(context_id, current, dataset, dropped)
+                        message.receiver, self._receiver = self._receiver, None
+                        yield message
                         current, dataset, context_id = None, None, -1
                 pos = stop
 

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom.presentation import PresentationContext
 
 from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
-from stockade.dimse.association import Association, Limits, Message, _Closed
+from stockade.dimse.association import Association, Limits, Message, Receiver, _Closed
 from stockade.dimse.commands import Command, Tag, error_comment
 from stockade.errors import StockadeError
+from stockade.ingest import Receiving
 
 if TYPE_CHECKING:
     from stockade.archive import Archive, Peer
@@ -111,8 +112,12 @@ class DimseServer:
         try:
             peer = assoc.negotiate(self.archive.admit, full)
             log.info("association from %s (%s) accepted", assoc.calling_ae, address)
-            for message in assoc.messages():
-                self._dispatch(assoc, peer, message)
+            for message in assoc.messages(lambda *args: self._receive(peer, *args)):
+                try:
+                    self._dispatch(assoc, peer, message)
+                finally:
+                    if message.receiver is not None:
+                        message.receiver.abort()  # a no-op if the archive kept the data set
             log.info("association from %s (%s) released", assoc.calling_ae, address)
         except _Closed as exc:
             log.info("association from %s (%s) ended: %s", assoc.calling_ae or "?", address, exc)
@@ -151,6 +156,29 @@ class DimseServer:
                 "operation not supported",
             )
 
+    def _receive(
+        self,
+        peer: Peer,
+        _context_id: int,
+        command: dict[int, int | str],
+        transfer_syntax: str,
+        _abstract_syntax: str,
+    ) -> Receiver | None:
+        """Let the archive stage a C-STORE data set while it arrives (None: just buffer)."""
+        if command.get(Tag.COMMAND_FIELD) != Command.C_STORE_RQ:
+            return None
+        try:
+            return self.archive.receive_dimse(
+                transfer_syntax,
+                sop_class_uid=str(command.get(Tag.AFFECTED_SOP_CLASS_UID, "")),
+                sop_instance_uid=str(command.get(Tag.AFFECTED_SOP_INSTANCE_UID, "")),
+                peer=peer,
+            )
+        except StockadeError as exc:
+            # Buffer only; the C-STORE itself then gets the failure with its reason.
+            log.debug("not staging a data set while it arrives: %s", exc.reason)
+            return None
+
     def _store(self, peer: Peer, message: Message) -> tuple[int, str | None]:
         """Run a C-STORE through the archive; map the outcome to a status (PS3.4 B.2.3)."""
         cmd = message.command
@@ -165,6 +193,8 @@ class DimseServer:
                 peer=peer,
                 abstract_syntax=message.abstract_syntax,
                 dropped=message.too_large,
+                # Only what receive_dimse() returned is ever set on a message.
+                receiving=message.receiver if isinstance(message.receiver, Receiving) else None,
             )
         except StockadeError as exc:
             log.warning("C-STORE from %s refused: %s", peer.ae_title, exc.reason)

@@ -55,11 +55,32 @@ class RecoveryReport:
     discarded: int = 0
 
 
+class StagingWriter(Protocol):
+    """A staging file filled piece by piece, e.g. while a C-STORE data set arrives."""
+
+    size: int
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append and hash *data*; an error is kept for :meth:`finish` to raise."""
+
+    def start_sync(self) -> None:
+        """Start making what was written durable (no more writes after this)."""
+
+    def finish(self) -> Staged:
+        """Wait until durable and return the staged blob (raises StorageFailure)."""
+
+    def abort(self) -> None:
+        """Drop the file; a no-op after :meth:`finish`."""
+
+
 class BlobStore(Protocol):
     """Where object bytes live. Implementations: filesystem (and later S3)."""
 
     def stage(self, parts: Iterable[bytes | bytearray | memoryview]) -> Staged:
         """Write the concatenated *parts* durably to staging and hash them."""
+
+    def writer(self) -> StagingWriter:
+        """Open a staging file to be filled with :meth:`StagingWriter.write`."""
 
     def commit(self, staged: Staged) -> str:
         """Publish a staged blob under its key; return the key. Idempotent."""

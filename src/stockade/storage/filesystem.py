@@ -31,12 +31,12 @@ import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from stockade.errors import StorageFailure
-from stockade.storage.base import RecoveryReport, Staged, check_key, key_for
+from stockade.storage.base import RecoveryReport, Staged, StagingWriter, check_key, key_for
 
 log = logging.getLogger(__name__)
 #: Empty staging files kept ready per process (refilled in the background at half).
@@ -59,6 +59,87 @@ def _fsync_dir(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Writer:
+    """A :class:`~stockade.storage.base.StagingWriter` on a file in the staging folder.
+
+    A write error is kept and reported by :meth:`finish`, so that a sender still receiving
+    its data set is answered with a failure status rather than cut off.
+    """
+
+    def __init__(
+        self, store: FilesystemBlobStore, token: str, path: str, fd: int, fresh: bool
+    ) -> None:
+        self._store, self._token, self._path, self._fd, self._fresh = (
+            store,
+            token,
+            path,
+            fd,
+            fresh,
+        )
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self._error: OSError | None = None
+        self._sync: Future[None] | None = None
+        self._done = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append *data* (and hash it)."""
+        if self._error is not None:
+            return
+        if self._done or self._sync is not None:
+            self._error = OSError(errno.EBADF, "write after the staging file was closed")
+            return
+        view = memoryview(data)
+        try:
+            rest = view
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
+        except OSError as exc:
+            self._error = exc
+            return
+        self._digest.update(view)
+        self.size += len(view)
+
+    def start_sync(self) -> None:
+        """Start making the written bytes durable, in the background."""
+        if self._sync is None and self._error is None and not self._done:
+            self._sync = self._store._pool().submit(os.fsync, self._fd)
+
+    def finish(self) -> Staged:
+        """Wait until the bytes are durable; the file is then a staged blob."""
+        if self._done:
+            raise StorageFailure("staging file already finished or abandoned")
+        self.start_sync()
+        try:
+            if self._sync is not None:
+                self._sync.result()
+            if self._error is not None:
+                raise self._error
+            os.close(self._fd)
+            self._fd = -1
+            if self._fresh:
+                os.fsync(self._store._area_fd)  # the new file's directory entry
+        except OSError as exc:
+            self.abort()
+            raise StorageFailure(f"cannot write to the blob store: {exc.strerror}") from None
+        self._done = True
+        return Staged(token=self._token, sha256=self._digest.hexdigest(), size=self.size)
+
+    def abort(self) -> None:
+        """Drop the file (a no-op once :meth:`finish` returned)."""
+        if self._done:
+            return
+        self._done = True
+        if self._sync is not None:
+            with contextlib.suppress(OSError):
+                self._sync.result()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self._path)
 
 
 class FilesystemBlobStore:
@@ -146,26 +227,36 @@ class FilesystemBlobStore:
         self._staging_area()
         return f"{self._area_str}{os.sep}{token}.tmp"
 
-    def stage(self, parts: Iterable[bytes | bytearray | memoryview]) -> Staged:
-        """Write *parts* to a staging file, make it durable and hash it."""
+    def _open_staging(self) -> tuple[str, str, int, bool]:
+        """A staging file open for writing: (token, path, fd, fresh)."""
         token = self._take_spare()
         fresh = token is None
         if token is None:
             token = secrets.token_hex(16)
         path = self._staged_path(token)
+        try:
+            fd = os.open(path, _CREATE if fresh else _REUSE, 0o600)
+        except OSError as exc:
+            raise StorageFailure(f"cannot write to the blob store: {exc.strerror}") from None
+        return token, path, fd, fresh
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._syncer is None:  # pragma: no cover - created with the staging area
+            raise StorageFailure("the staging area is not ready")
+        return self._syncer
+
+    def stage(self, parts: Iterable[bytes | bytearray | memoryview]) -> Staged:
+        """Write *parts* to a staging file, make it durable and hash it."""
+        token, path, fd, fresh = self._open_staging()
         digest = hashlib.sha256()
         size = 0
         try:
-            fd = os.open(path, _CREATE if fresh else _REUSE, 0o600)
             try:
                 views = [memoryview(part) for part in parts]
                 size = sum(len(view) for view in views)
                 # Writing, fsync and SHA-256 all release the GIL: the pool writes and syncs
                 # while this thread hashes the same bytes.
-                syncer = self._syncer
-                if syncer is None:  # pragma: no cover - created with the staging area
-                    raise OSError(errno.EIO, "staging area is not ready")
-                written = syncer.submit(_write_and_sync, fd, views)
+                written = self._pool().submit(_write_and_sync, fd, views)
                 for view in views:
                     digest.update(view)
                 written.result()
@@ -178,6 +269,11 @@ class FilesystemBlobStore:
                 os.unlink(path)
             raise StorageFailure(f"cannot write to the blob store: {exc.strerror}") from None
         return Staged(token=token, sha256=digest.hexdigest(), size=size)
+
+    def writer(self) -> StagingWriter:
+        """A staging file to fill piece by piece (bytes hashed as they are written)."""
+        token, path, fd, fresh = self._open_staging()
+        return _Writer(self, token, path, fd, fresh)
 
     def commit(self, staged: Staged) -> str:
         """Move a staged blob to its published place (see the module's note on durability)."""
