@@ -76,6 +76,12 @@ def _store_pdus(dataset: bytes, sop_uid: str) -> list[bytes]:
     return encoded
 
 
+def _ended(server: StockadeServer) -> int:
+    """Associations of ABORTSCU the server logged as ended before a release."""
+    log = server.log_path.read_text(errors="replace")
+    return sum(1 for line in log.splitlines() if "from ABORTSCU" in line and " ended: " in line)
+
+
 def _staged_objects(server: StockadeServer) -> list[str]:
     return [p.name for p in server.staging_tmp_files()]
 
@@ -98,10 +104,12 @@ def test_abort_inside_a_data_set_discards_the_partial_object(
             sock.sendall(struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0))
         sock.close()
 
-    # The server ends each association on its own thread: wait (bounded) for their cleanup.
-    deadline = time.monotonic() + 10
-    while _staged_objects(server) and time.monotonic() < deadline:
+    # The server ends each association on its own thread: wait (bounded) until it logged
+    # the end of both, then nothing of theirs may remain.
+    deadline = time.monotonic() + 20
+    while _ended(server) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert _ended(server) == 2, server.log_path.read_text()[-2000:]
     assert _staged_objects(server) == []
     assert server.count() == 0
 

@@ -68,6 +68,35 @@ def _values(table: Any, names: Sequence[str]) -> dict[str, Any]:
     return {name: bindparam(f"v_{name}") for name in names}
 
 
+class Ticket:
+    """One instance waiting to be recorded, and then its outcome."""
+
+    __slots__ = ("allow_replace", "done", "error", "record", "result")
+
+    def __init__(self, record: InstanceRecord, allow_replace: bool) -> None:
+        self.record = record
+        self.allow_replace = allow_replace
+        self.done = False
+        self.result: Recorded | None = None
+        self.error: StockadeError | None = None
+
+    def succeed(self, result: Recorded) -> None:
+        """Recorded, with this result."""
+        self.result, self.done = result, True
+
+    def fail(self, error: StockadeError) -> None:
+        """Refused, or the transaction failed."""
+        self.error, self.done = error, True
+
+    def outcome(self) -> Recorded:
+        """The result, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        if self.result is None:  # pragma: no cover - record_batch marks every ticket
+            raise IndexFailure("the instance was not recorded")
+        return self.result
+
+
 class _Retry(Exception):
     """A concurrent writer created the same row first; run the transaction again."""
 
@@ -269,39 +298,79 @@ class InstanceWriter:
             else:
                 conn.rollback()
 
-    def record(self, rec: InstanceRecord, allow_replace: bool) -> Recorded:
-        """Record *rec* in one transaction (see :meth:`SqlIndex.record`)."""
-        for _attempt in range(3):
-            pooled = self._checkout()
-            conn = pooled.driver_connection
-            healthy = False  # until the transaction ended cleanly
-            cur = conn.cursor()
-            try:
-                self._begin(cur)
-                result = self._record(cur, rec, allow_replace)
-                self._commit(conn, cur)
-                healthy = True
-                return result
-            except (StockadeError, _Retry) as exc:
-                self._rollback(conn, cur)
-                healthy = True
-                if isinstance(exc, StockadeError):
-                    raise
-            except Exception as exc:
-                self._rollback(conn, cur)
-                if not isinstance(exc, self._dbapi_error):
-                    raise
-                if isinstance(exc, self._integrity_error):
-                    healthy = True
-                    continue  # a concurrent writer won a race; the next attempt sees its row
-                log.error("index write failed: %s", exc.__class__.__name__, exc_info=exc)
-                raise IndexFailure(
-                    f"the index could not record the instance ({exc.__class__.__name__})"
-                ) from None
-            finally:
-                cur.close()
-                self._checkin(pooled, healthy)
-        raise IndexFailure("the index kept refusing the instance")
+    def record_batch(self, tickets: Sequence[Ticket]) -> None:
+        """Record every ticket's instance in one transaction, each in its own savepoint.
+
+        Concurrent C-STOREs thus share one commit, and with it one synchronous flush of
+        the database, while a refusal (a conflict, a hierarchy error) or a race lost
+        against another process touches only its own instance. Every ticket is done when
+        this returns.
+        """
+        pending = list(tickets)
+        try:
+            for _attempt in range(3):
+                pending = self._attempt(pending)
+                if not pending:
+                    return
+            for ticket in pending:
+                ticket.fail(IndexFailure("the index kept refusing the instance"))
+        finally:
+            for ticket in tickets:
+                if not ticket.done:
+                    ticket.fail(IndexFailure("the index write was interrupted"))
+
+    def _attempt(self, tickets: list[Ticket]) -> list[Ticket]:
+        """One transaction over *tickets*; returns those that lost a race (to retry)."""
+        pooled = self._checkout()
+        conn = pooled.driver_connection
+        healthy = False  # until the transaction ended cleanly
+        cur = conn.cursor()
+        outcomes: list[tuple[Ticket, Recorded | StockadeError]] = []
+        retry: list[Ticket] = []
+        try:
+            self._begin(cur)
+            for ticket in tickets:
+                cur.execute("SAVEPOINT instance")
+                try:
+                    outcome: Recorded | StockadeError = self._record(
+                        cur, ticket.record, ticket.allow_replace
+                    )
+                except StockadeError as exc:
+                    outcome = exc
+                except Exception as exc:
+                    if not isinstance(exc, (_Retry, self._integrity_error)):
+                        raise
+                    # A concurrent writer created the same row first: the retry sees it.
+                    cur.execute("ROLLBACK TO SAVEPOINT instance")
+                    cur.execute("RELEASE SAVEPOINT instance")
+                    retry.append(ticket)
+                    continue
+                if isinstance(outcome, StockadeError):
+                    cur.execute("ROLLBACK TO SAVEPOINT instance")
+                cur.execute("RELEASE SAVEPOINT instance")
+                outcomes.append((ticket, outcome))
+            self._commit(conn, cur)
+            healthy = True
+        except Exception as exc:
+            self._rollback(conn, cur)
+            if not isinstance(exc, self._dbapi_error):
+                raise
+            log.error("index write failed: %s", exc.__class__.__name__, exc_info=exc)
+            failure = IndexFailure(
+                f"the index could not record the instance ({exc.__class__.__name__})"
+            )
+            for ticket in tickets:
+                ticket.fail(failure)
+            return []
+        finally:
+            cur.close()
+            self._checkin(pooled, healthy)
+        for ticket, outcome in outcomes:
+            if isinstance(outcome, StockadeError):
+                ticket.fail(outcome)
+            else:
+                ticket.succeed(outcome)
+        return retry
 
     @staticmethod
     def _run(cur: Any, sql: _Sql, values: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stockade.errors import ConfigError, IndexFailure
 from stockade.index.base import InstanceRecord, Node, Recorded, StoredInstance
-from stockade.index.record import InstanceWriter
+from stockade.index.record import InstanceWriter, Ticket
 from stockade.index.schema import blob_deletions, instances, nodes, patients, series, studies
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,16 @@ class SqlIndex:
         self.engine = make_engine(url)
         self._insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         self._instances = InstanceWriter(self.engine)
-        self._writer: contextlib.AbstractContextManager[object] = (
+        # Writers of this process take turns (thread lock); on SQLite the writers of all
+        # processes do too (file lock). PostgreSQL takes concurrent writers.
+        self._thread_lock = threading.Lock()
+        self._process_lock: contextlib.AbstractContextManager[object] = (
             _SqliteWriteLock(url)
             if self.engine.dialect.name == "sqlite"
             else contextlib.nullcontext()
         )
+        self._queue: list[Ticket] = []
+        self._queue_lock = threading.Lock()
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -141,8 +146,18 @@ class SqlIndex:
         IndexFailure
             The database failed.
         """
-        with self._writer:
-            return self._instances.record(record, allow_replace)
+        ticket = Ticket(record, allow_replace)
+        with self._queue_lock:
+            self._queue.append(ticket)
+        # Group commit: the thread that gets the write lock records every instance queued
+        # by this process's threads so far, in one transaction; the others find theirs done.
+        with self._thread_lock:
+            if not ticket.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                with self._process_lock:
+                    self._instances.record_batch(batch)
+        return ticket.outcome()
 
     # -- reading ---------------------------------------------------------------------------
 
