@@ -10,7 +10,7 @@ import hashlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from stockade.audit.events import (
@@ -22,10 +22,12 @@ from stockade.audit.events import (
     NodeChanged,
 )
 from stockade.audit.sink import AuditSink
+from stockade.dicom.attributes import Level
 from stockade.dicom.uids import ae_title_problem, uid_problem
 from stockade.errors import ConfigError, IntegrityError, NotAuthorized, StorageFailure
 from stockade.index.base import Index, Node, StoredInstance
 from stockade.ingest import Buffer, Ingest, Origin, Receiving, StoreResult
+from stockade.query import Found, build
 from stockade.settings import Settings, is_loopback
 from stockade.storage.base import BlobStore, RecoveryReport
 
@@ -186,6 +188,43 @@ class Archive:
     def store_file(self, data: Buffer, origin: Origin) -> StoreResult:
         """Store a Part 10 file (import, and later upload and STOW-RS)."""
         return self.ingest.from_file(data, origin)
+
+    # -- querying --------------------------------------------------------------------------
+
+    def query(
+        self,
+        level: Level,
+        values: Mapping[str, str | None],
+        *,
+        peer: Peer | None = None,
+        return_keys: Iterable[str] = (),
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> Found:
+        """Find entities at *level* whose attributes match *values* (PS3.4 C.2.2.2).
+
+        The one query path of C-FIND and (later) QIDO-RS; at most ``query_max_results``
+        matches, fewer if *limit* says so.
+
+        Raises
+        ------
+        InvalidQuery
+            A value no matching rule accepts.
+        NotAuthorized
+            The peer may not query.
+        """
+        if peer is not None:
+            peer.check("find")
+        cap = self.settings.query_max_results
+        query = build(
+            level,
+            values,
+            return_keys=return_keys,
+            limit=cap if limit is None else min(limit, cap),
+            offset=offset,
+            case_sensitive_names=self.settings.query_case_sensitive_names,
+        )
+        return self.index.find(query)
 
     # -- association admission -------------------------------------------------------------
 

@@ -71,6 +71,22 @@ class LimitExceeded(InvalidObject):
     code = "limit-exceeded"
 
 
+class InvalidQuery(StockadeError):
+    """A query key or value that no matching rule accepts (PS3.4 C.2.2.2, C.4.1.1.4)."""
+
+    http_status = 400
+    dimse_status = 0xA900  # Failed: Identifier does not match SOP Class
+    code = "invalid-query"
+
+
+class TooManyMatches(StockadeError):
+    """A query matched more entities than ``query_max_results`` allows."""
+
+    http_status = 413
+    dimse_status = 0xA700  # Refused: Out of Resources (PS3.4 C.4.1.1.4)
+    code = "too-many-matches"
+
+
 class SOPClassNotSupported(StockadeError):
     """The SOP class is not one the archive accepts (PS3.7 Annex C 0122H)."""
 

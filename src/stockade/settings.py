@@ -160,6 +160,22 @@ DECLARED: tuple[Declared, ...] = (
         "(audited). Off: such an object is refused.",
     ),
     Declared(
+        "query_max_results",
+        int,
+        1000,
+        "Most matches one query returns (C-FIND, and the largest QIDO-RS page). A C-FIND "
+        "that matches more gets the first ones, then status A700 with an Error Comment "
+        "asking to refine the query.",
+        _positive,
+    ),
+    Declared(
+        "query_case_sensitive_names",
+        bool,
+        False,
+        "Match person names (PatientName, ReferringPhysicianName) case-sensitively. Off: "
+        "`doe^j*` finds `DOE^JANE` (PS3.4 C.2.2.2.1 leaves this to the archive).",
+    ),
+    Declared(
         "http_host",
         str,
         "127.0.0.1",
@@ -191,6 +207,8 @@ class Settings:
     max_nesting_depth: int
     max_elements: int
     allow_replace: bool
+    query_max_results: int
+    query_case_sensitive_names: bool
     http_host: str
     http_port: int
     log_level: str

@@ -11,6 +11,7 @@ PDU lengths against what we announced, command sets against 64 KiB, data sets ag
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
+#: Largest P-DATA-TF we send when the peer announced no maximum (PS3.8 D.1: 0 = no limit).
+MAX_SEND_PDU = 256 * 1024
 #: Bound on PDUs other than P-DATA-TF (an A-ASSOCIATE-RQ with 128 contexts is ~20 KiB).
 MAX_CONTROL_PDU = 1024 * 1024
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -350,6 +353,46 @@ class Association:
             str(context.abstract_syntax),
             dropped,
         )
+
+    def send_message(
+        self, context_id: int, elements: list[tuple[int, int | str]], dataset: bytes
+    ) -> None:
+        """Send a command with a data set (PS3.7 9.3), split to the peer's maximum PDU."""
+        self.send_command(context_id, elements)
+        room = (self.peer_max_pdu or MAX_SEND_PDU) - 12  # PDU and PDV item headers
+        room = max(2, min(room, MAX_SEND_PDU) & ~1)
+        for pos in range(0, max(len(dataset), 1), room):
+            chunk = dataset[pos : pos + room]
+            last = pos + room >= len(dataset)
+            pdv = struct.pack(">LBB", len(chunk) + 2, context_id, 0x02 if last else 0x00)
+            self._send(struct.pack(">BBL", P_DATA_TF, 0, len(pdv) + len(chunk)) + pdv + chunk)
+
+    def cancel_requested(self, message_id: int) -> bool:
+        """True if the peer sent C-CANCEL-RQ for *message_id* (PS3.7 9.3.2.3), without
+        waiting. Anything else arriving during a response sequence ends the association."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        pdu_type, body = self._read_pdu()
+        if pdu_type == ABORT:
+            raise _Closed("peer aborted")
+        if pdu_type != P_DATA_TF or len(body) < 6:
+            self.abort(ABORT_UNEXPECTED_PDU)
+            raise _Closed(f"unexpected PDU type {pdu_type:#04x} during a response sequence")
+        (item_length,) = struct.unpack_from(">L", body, 0)
+        header = body[5]
+        if item_length + 4 != len(body) or header != 0x03:  # one last command fragment
+            self.abort(ABORT_UNEXPECTED_PDU)
+            raise _Closed("only C-CANCEL-RQ may arrive during a response sequence")
+        try:
+            command = commands.decode(bytearray(body[6:]))
+        except InvalidObject as exc:
+            self.abort(ABORT_INVALID_PARAMETER)
+            raise _Closed(exc.reason) from None
+        if command.get(Tag.COMMAND_FIELD) != commands.Command.C_CANCEL_RQ:
+            self.abort(ABORT_UNEXPECTED_PDU)
+            raise _Closed("only C-CANCEL-RQ may arrive during a response sequence")
+        return command.get(Tag.MESSAGE_ID_BEING_RESPONDED_TO) == message_id
 
     def send_command(self, context_id: int, elements: list[tuple[int, int | str]]) -> None:
         """Send a command-only message (a response) in one P-DATA-TF PDU."""

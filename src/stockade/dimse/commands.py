@@ -49,6 +49,7 @@ class Command(IntEnum):
     C_STORE_RSP = 0x8001
     C_GET_RQ = 0x0010
     C_FIND_RQ = 0x0020
+    C_FIND_RSP = 0x8020
     C_MOVE_RQ = 0x0021
     C_ECHO_RQ = 0x0030
     C_ECHO_RSP = 0x8030

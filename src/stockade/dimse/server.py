@@ -18,6 +18,7 @@ from pynetdicom.presentation import PresentationContext
 from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 from stockade.dimse.association import Association, Limits, Message, Receiver, _Closed
 from stockade.dimse.commands import Command, Tag, error_comment
+from stockade.dimse.find import MODELS, FindService
 from stockade.errors import StockadeError
 from stockade.ingest import Receiving
 
@@ -33,17 +34,15 @@ PROCESSING_FAILURE = 0x0110
 
 
 def supported_contexts() -> list[PresentationContext]:
-    """Verification plus every storage SOP class, each with every stored transfer syntax."""
+    """Verification, the C-FIND models (uncompressed transfer syntaxes), and every storage
+    SOP class with every stored transfer syntax."""
     syntaxes: list[Any] = [ts.uid for ts in TRANSFER_SYNTAXES]
+    uncompressed: list[Any] = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
     out = []
-    for uid in (VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLASSES):
+    for uid in (VERIFICATION_SOP_CLASS, *MODELS, *STORAGE_SOP_CLASSES):
         cx = PresentationContext()
         cx.abstract_syntax = uid
-        cx.transfer_syntax = (
-            syntaxes
-            if uid != VERIFICATION_SOP_CLASS
-            else ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-        )
+        cx.transfer_syntax = syntaxes if uid in STORAGE_SOP_CLASSES else uncompressed
         out.append(cx)
     return out
 
@@ -66,6 +65,7 @@ class DimseServer:
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._stopping = threading.Event()
+        self.finder = FindService(archive)
 
     def serve_forever(self) -> None:
         """Accept connections until :meth:`stop` is called."""
@@ -144,6 +144,10 @@ class DimseServer:
             self._respond(
                 assoc, message, Command.C_STORE_RSP, message_id, status, comment, instance=True
             )
+        elif field == Command.C_FIND_RQ:
+            self._find(assoc, peer, message)
+        elif field == Command.C_CANCEL_RQ:
+            pass  # for a request already answered: nothing to stop, no response (PS3.7 9.3.2.3)
         else:
             log.warning("unsupported DIMSE command %r from %s", field, assoc.calling_ae)
             response = (int(field) | 0x8000) if isinstance(field, int) else 0x8000
@@ -204,9 +208,38 @@ class DimseServer:
             return PROCESSING_FAILURE, "internal error while storing; see the server log"
         return SUCCESS, None
 
-    def _respond(
+    def _find(self, assoc: Association, peer: Peer, message: Message) -> None:
+        """Answer a C-FIND-RQ with pending responses and a final status (PS3.4 C.4.1.3)."""
+        message_id = message.command.get(Tag.MESSAGE_ID, 0)
+        mid = int(message_id) if isinstance(message_id, int) else 0
+        responses = self.finder.run(
+            peer,
+            message.abstract_syntax,
+            message.dataset or b"",
+            message.transfer_syntax,
+            lambda: assoc.cancel_requested(mid),
+        )
+        try:
+            for status, identifier, comment in responses:
+                if identifier is None:
+                    self._respond(assoc, message, Command.C_FIND_RSP, mid, status, comment)
+                else:
+                    elements = self._response_elements(
+                        message, Command.C_FIND_RSP, mid, status, None, with_dataset=True
+                    )
+                    assoc.send_message(message.context_id, elements, identifier)
+        except StockadeError as exc:
+            self._respond(assoc, message, Command.C_FIND_RSP, mid, exc.dimse_status, exc.reason)
+        except _Closed:
+            raise
+        except Exception:  # the adapter boundary: a bug must not kill the association
+            log.exception("C-FIND from %s failed", peer.ae_title)
+            self._respond(
+                assoc, message, Command.C_FIND_RSP, mid, PROCESSING_FAILURE, "internal error"
+            )
+
+    def _response_elements(
         self,
-        assoc: Association,
         message: Message,
         field: int,
         message_id: object,
@@ -214,7 +247,9 @@ class DimseServer:
         comment: str | None,
         *,
         instance: bool = False,
-    ) -> None:
+        with_dataset: bool = False,
+    ) -> list[tuple[int, int | str]]:
+        """The command elements of a response (PS3.7 9.3 and Annex C for the status)."""
         cmd = message.command
         elements: list[tuple[int, int | str]] = [
             (Tag.COMMAND_FIELD, field),
@@ -222,7 +257,8 @@ class DimseServer:
                 Tag.MESSAGE_ID_BEING_RESPONDED_TO,
                 int(message_id) if isinstance(message_id, int) else 0,
             ),
-            (Tag.COMMAND_DATA_SET_TYPE, 0x0101),
+            # 0101H: no data set follows; any other value: one does (PS3.7 E.1).
+            (Tag.COMMAND_DATA_SET_TYPE, 0x0000 if with_dataset else 0x0101),
             (Tag.STATUS, status),
         ]
         sop_class = cmd.get(Tag.AFFECTED_SOP_CLASS_UID)
@@ -234,4 +270,20 @@ class DimseServer:
             )
         if comment and status != SUCCESS:
             elements.append((Tag.ERROR_COMMENT, error_comment(comment)))
-        assoc.send_command(message.context_id, elements)
+        return elements
+
+    def _respond(
+        self,
+        assoc: Association,
+        message: Message,
+        field: int,
+        message_id: object,
+        status: int,
+        comment: str | None,
+        *,
+        instance: bool = False,
+    ) -> None:
+        assoc.send_command(
+            message.context_id,
+            self._response_elements(message, field, message_id, status, comment, instance=instance),
+        )

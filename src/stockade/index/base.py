@@ -8,6 +8,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
+from stockade.query import Found, Query
+
 
 @dataclass(frozen=True)
 class InstanceRecord:
@@ -96,6 +98,9 @@ class Index(Protocol):
 
     def counts(self) -> dict[str, int]:
         """Numbers of patients, studies, series and instances."""
+
+    def find(self, query: Query) -> Found:
+        """The matches of a query (PS3.4 C.2.2.2), one page of them."""
 
     def queued_deletions(self) -> list[str]:
         """Blob keys whose deletion was decided but not yet done."""

@@ -28,6 +28,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql import ClauseElement
 
+from stockade.dicom.matching import normalize_name
 from stockade.errors import DuplicateConflict, HierarchyConflict, IndexFailure, StockadeError
 from stockade.index.base import InstanceRecord, Outcome, Recorded
 from stockade.index.schema import blob_deletions, instances, patients, series, studies
@@ -39,9 +40,8 @@ log = logging.getLogger(__name__)
 KEPT_CONNECTIONS = 8
 
 
-def name_key(name: str | None) -> str | None:
-    """The case-folded form of a person name used for matching (PS3.4 C.2.2.2.1)."""
-    return None if name is None else name.casefold()
+#: The matching form of a person name, kept in the ``*_name_key`` columns.
+name_key = normalize_name
 
 
 class _Sql:

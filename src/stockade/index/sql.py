@@ -27,8 +27,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stockade.errors import ConfigError, IndexFailure
 from stockade.index.base import InstanceRecord, Node, Recorded, StoredInstance
+from stockade.index.query import find
 from stockade.index.record import InstanceWriter, Ticket
 from stockade.index.schema import blob_deletions, instances, nodes, patients, series, studies
+from stockade.query import Found, Query
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -52,6 +54,9 @@ def make_engine(url: str) -> Engine:
                 cursor.execute("PRAGMA journal_mode = WAL")
                 cursor.execute("PRAGMA synchronous = FULL")
                 cursor.execute("PRAGMA foreign_keys = ON")
+                # LIKE as in PostgreSQL and PS3.4 C.2.2.2.4: case matters (names match on
+                # their case-folded key columns instead).
+                cursor.execute("PRAGMA case_sensitive_like = ON")
                 cursor.close()
 
             @event.listens_for(engine, "begin")
@@ -208,6 +213,25 @@ class SqlIndex:
             for row in rows:
                 yield StoredInstance(*row[:8])
             last = rows[-1][-1]
+
+    def find(self, query: Query) -> Found:
+        """Evaluate *query* (PS3.4 C.2.2.2 matching, see :mod:`stockade.index.query`).
+
+        Raises
+        ------
+        InvalidQuery
+            A condition the engine cannot evaluate.
+        IndexFailure
+            The database failed.
+        """
+        try:
+            with self.engine.connect() as conn:
+                return find(conn, query)
+        except SQLAlchemyError as exc:
+            log.error("query failed: %s", exc.__class__.__name__, exc_info=exc)
+            raise IndexFailure(
+                f"the index could not run the query ({exc.__class__.__name__})"
+            ) from None
 
     def counts(self) -> dict[str, int]:
         """Numbers of patients, studies, series and instances."""

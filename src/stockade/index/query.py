@@ -1,0 +1,176 @@
+"""Evaluating a :class:`~stockade.query.Query` in SQL: the one query engine of the index.
+
+Every condition becomes part of the WHERE clause (PS3.4 C.2.2.2 matching rules, see
+:mod:`stockade.dicom.matching`); nothing is filtered afterwards in Python, so paging and
+the result cap are exact. Wildcards use ``LIKE`` with a backslash escape, so ``%`` and
+``_`` in a value match only themselves; SQLite's ``LIKE`` is made case-sensitive
+(``PRAGMA case_sensitive_like``) to behave as PostgreSQL's does. Person names match on their
+case-folded key column unless names are case-sensitive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, and_, exists, func, literal, or_, select
+from sqlalchemy.sql import FromClause
+
+from stockade.dicom.attributes import Level
+from stockade.dicom.matching import Condition, Kind, like_pattern, normalize_name
+from stockade.errors import InvalidQuery
+from stockade.index.schema import instances, patients, series, studies
+from stockade.query import KEYS, Found, Query
+
+_s2 = studies.alias("patient_studies")
+_se2 = series.alias("study_series")
+_in2 = instances.alias("patient_instances")
+_se3 = series.alias("patient_series")
+
+#: keyword -> the column (or computed expression) holding it
+_COLUMNS: dict[str, ColumnElement[Any]] = {
+    "PatientID": patients.c.patient_id,
+    "IssuerOfPatientID": patients.c.issuer,
+    "PatientName": patients.c.patient_name,
+    "PatientBirthDate": patients.c.birth_date,
+    "PatientSex": patients.c.sex,
+    "NumberOfPatientRelatedStudies": patients.c.num_studies,
+    "NumberOfPatientRelatedSeries": select(func.coalesce(func.sum(_s2.c.num_series), 0))
+    .where(_s2.c.patient_pk == patients.c.id)
+    .correlate(patients)
+    .scalar_subquery(),
+    "NumberOfPatientRelatedInstances": select(func.coalesce(func.sum(_s2.c.num_instances), 0))
+    .where(_s2.c.patient_pk == patients.c.id)
+    .correlate(patients)
+    .scalar_subquery(),
+    "StudyInstanceUID": studies.c.study_uid,
+    "StudyDate": studies.c.study_date,
+    "StudyTime": studies.c.study_time,
+    "AccessionNumber": studies.c.accession_number,
+    "StudyID": studies.c.study_id,
+    "StudyDescription": studies.c.description,
+    "ReferringPhysicianName": studies.c.referring_name,
+    "ModalitiesInStudy": studies.c.modalities,
+    "NumberOfStudyRelatedSeries": studies.c.num_series,
+    "NumberOfStudyRelatedInstances": studies.c.num_instances,
+    "SeriesInstanceUID": series.c.series_uid,
+    "Modality": series.c.modality,
+    "SeriesNumber": series.c.series_number,
+    "SeriesDescription": series.c.description,
+    "BodyPartExamined": series.c.body_part,
+    "SeriesDate": series.c.series_date,
+    "SeriesTime": series.c.series_time,
+    "NumberOfSeriesRelatedInstances": series.c.num_instances,
+    "SOPInstanceUID": instances.c.sop_uid,
+    "SOPClassUID": instances.c.sop_class_uid,
+    "InstanceNumber": instances.c.instance_number,
+    "Rows": instances.c.rows,
+    "Columns": instances.c.columns,
+    "NumberOfFrames": instances.c.frames,
+}
+#: person-name keywords -> their case-folded matching column
+_NAME_KEYS: dict[str, ColumnElement[Any]] = {
+    "PatientName": patients.c.patient_name_key,
+    "ReferringPhysicianName": studies.c.referring_name_key,
+}
+_ROOT = {
+    Level.PATIENT: patients,
+    Level.STUDY: studies,
+    Level.SERIES: series,
+    Level.IMAGE: instances,
+}
+
+
+def _from(level: Level) -> FromClause:
+    source: FromClause = patients
+    if level in (Level.STUDY, Level.SERIES, Level.IMAGE):
+        source = studies.join(patients, patients.c.id == studies.c.patient_pk)
+    if level in (Level.SERIES, Level.IMAGE):
+        source = series.join(source, studies.c.id == series.c.study_pk)
+    if level is Level.IMAGE:
+        source = instances.join(source, series.c.id == instances.c.series_pk)
+    return source
+
+
+def _text(column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
+    if "*" in value or "?" in value:
+        return column.like(like_pattern(value), escape="\\")
+    return column == value
+
+
+def _name(column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
+    """A person name matches as a whole or, for a value without ``=``, on its first
+    component group (``Yamada^Tarou`` matches ``Yamada^Tarou=山田^太郎``, PS3.5 6.2.1)."""
+    whole = _text(column, value)
+    if "=" in value:
+        return whole
+    pattern = like_pattern(value) + "=%"
+    return or_(whole, column.like(pattern, escape="\\"))
+
+
+def _time_prefix(column: ColumnElement[Any], bound: str) -> ColumnElement[Any]:
+    return func.substr(column, 1, len(bound))
+
+
+def _condition(cond: Condition, query: Query) -> ColumnElement[bool]:
+    key = KEYS[cond.keyword]
+    if cond.keyword == "ModalitiesInStudy":
+        items = cond.values
+        return exists(
+            select(literal(1)).where(
+                _se2.c.study_pk == studies.c.id,
+                or_(*(_text(_se2.c.modality, item) for item in items)),
+            )
+        )
+    column = _COLUMNS[cond.keyword]
+    if key.vr == "PN":
+        if not query.case_sensitive_names:
+            column = _NAME_KEYS[cond.keyword]
+        values = [normalize_name(v) if not query.case_sensitive_names else v for v in cond.values]
+        return or_(*(_name(column, str(v)) for v in values))
+    if cond.kind is Kind.RANGE:
+        parts = []
+        if cond.low is not None:
+            parts.append(column >= cond.low)
+        if cond.high is not None:
+            upper = _time_prefix(column, cond.high) if key.vr == "TM" else column
+            parts.append(upper <= cond.high)
+        return and_(*parts)
+    if key.vr in ("IS", "US"):
+        numbers = [int(v) for v in cond.values]
+        return column.in_(numbers) if len(numbers) > 1 else column == numbers[0]
+    if key.vr == "UI":
+        return column.in_(cond.values) if cond.kind is Kind.LIST else column == cond.value
+    if key.vr == "TM":  # a single time matches at its precision: 1030 is 10:30:xx
+        return _time_prefix(column, cond.value) == cond.value
+    return or_(*(_text(column, v) for v in cond.values))
+
+
+def find(conn: Connection, query: Query) -> Found:
+    """Run *query*; at most ``query.limit`` rows after ``query.offset``, in storage order.
+
+    Raises
+    ------
+    InvalidQuery
+        A condition on a key this engine cannot match.
+    """
+    unknown = [c.keyword for c in query.conditions if c.keyword not in _COLUMNS]
+    if unknown:
+        raise InvalidQuery(f"cannot match on {', '.join(unknown)}")
+    names = [k for k in query.return_keys if k in _COLUMNS]
+    stmt = (
+        select(*(_COLUMNS[k].label(k) for k in names))
+        .select_from(_from(query.level))
+        .where(*(_condition(c, query) for c in query.conditions))
+        .order_by(_ROOT[query.level].c.id)
+        .limit(query.limit + 1)
+        .offset(query.offset)
+    )
+    rows = conn.execute(stmt).all()
+    more = len(rows) > query.limit
+    out = []
+    for row in rows[: query.limit]:
+        record: dict[str, str | int | None] = {}
+        for name, value in zip(names, row, strict=True):
+            record[name] = None if value == "" else value
+        out.append(record)
+    return Found(out, more)
