@@ -169,3 +169,93 @@ def test_spare_staging_files_are_refilled_and_removed_at_close(tmp_path: Path) -
     assert set(store.keys()) == keys
     store.close()
     assert list((tmp_path / "staging").iterdir()) == []
+
+
+class _Crash(BaseException):
+    """Stands for the process dying at that point."""
+
+
+def _die(store: FilesystemBlobStore) -> Path:
+    """Let the store's process "die": its staging lock is released, nothing is cleaned."""
+    import fcntl
+    import os
+
+    area = store._area
+    assert area is not None
+    fcntl.flock(store._lock_fd, fcntl.LOCK_UN)
+    os.close(store._lock_fd)
+    store._area = None
+    return area
+
+
+@pytest.mark.parametrize("reached_disk", [False, True])
+def test_crash_between_index_commit_and_blob_sync(
+    settings: object, reached_disk: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index row commits while the blob syncs; after a crash in between, recovery keeps
+    the instance if the bytes reached the disk and removes the row if they did not."""
+    from stockade.audit.sink import MemoryAuditSink
+    from stockade.index.sql import SqlIndex
+    from stockade.settings import Settings
+
+    assert isinstance(settings, Settings)
+    audit = MemoryAuditSink()
+    store = FilesystemBlobStore(settings.data_dir)
+    index = SqlIndex(settings.index_url)
+    dying = Archive(settings, store, index, audit)
+    dying.prepare()
+    kept = make_dataset(PatientID="KEPT")
+    _send(dying, bare(kept), CTImageStorage, kept.SOPInstanceUID)  # a normal store first
+
+    ds = make_dataset(PatientID="P-CRASH")
+    receiving = dying.receive_dimse(
+        EV, sop_class_uid=CTImageStorage, sop_instance_uid=ds.SOPInstanceUID, peer=PEER
+    )
+    assert receiving is not None
+    receiving.write(bare(ds))
+
+    def crash() -> None:
+        raise _Crash
+
+    monkeypatch.setattr(receiving.writer, "finish", crash)
+    monkeypatch.setattr(receiving.writer, "abort", lambda: None)
+    with pytest.raises(_Crash):
+        dying.store_dimse(
+            bytearray(bare(ds)),
+            EV,
+            sop_class_uid=CTImageStorage,
+            sop_instance_uid=ds.SOPInstanceUID,
+            peer=PEER,
+            receiving=receiving,
+        )
+    assert dying.counts()["instances"] == 2  # the row committed before the "crash"
+    assert [e.sop_instance_uid for e in index.staging_journal()] == [ds.SOPInstanceUID]
+    area = _die(store)
+    staged = [p for p in area.glob("*.tmp") if p.stat().st_size > 0]
+    assert len(staged) == 1
+    if not reached_disk:
+        staged[0].write_bytes(staged[0].read_bytes()[:200])  # the tail never got there
+
+    fresh = Archive(settings, FilesystemBlobStore(settings.data_dir), index, audit)
+    fresh.prepare()
+    assert index.staging_journal() == []
+    counts = fresh.counts()
+    if reached_disk:
+        assert counts == {"patients": 2, "studies": 2, "series": 2, "instances": 2}
+        assert _blob(fresh, ds.SOPInstanceUID).endswith(bare(ds))
+    else:
+        assert counts == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
+        assert fresh.find_instance(ds.SOPInstanceUID) is None
+    assert fresh.find_instance(kept.SOPInstanceUID) is not None
+    report = fresh.verify()
+    assert report.ok, report.problems
+    assert _staged_objects(settings.data_dir) == []
+    fresh.close()
+
+
+def test_journal_is_empty_after_a_clean_stop(archive: Archive) -> None:
+    for _ in range(3):
+        ds = make_dataset()
+        _send(archive, bare(ds), CTImageStorage, ds.SOPInstanceUID)
+    archive.index.close()  # type: ignore[attr-defined]
+    assert archive.index.staging_journal() == []  # type: ignore[attr-defined]

@@ -101,6 +101,7 @@ class Archive:
     def prepare(self) -> RecoveryReport:
         """Migrate the index and repair what a crash left (run before serving)."""
         self.index.migrate()
+        self._check_journal()
         report = self.store.recover(self.index.is_blob_indexed)
         for key in self.index.queued_deletions():
             if not self.index.is_blob_indexed(key):
@@ -113,6 +114,30 @@ class Archive:
                 report.discarded,
             )
         return report
+
+    def _check_journal(self) -> None:
+        """Remove index rows of dead processes whose blob never reached the disk.
+
+        Such a row committed while its blob was being synced, and its instance was not
+        acknowledged (that waits for both); every other entry is simply dropped.
+        """
+        done, lost = [], 0
+        for entry in self.index.staging_journal():
+            state = self.store.check_staged(entry.area, entry.token, entry.sha256)
+            if state is None:
+                continue  # its process is alive
+            if state is False and entry.sop_instance_uid:
+                self.index.forget_instance(entry.sop_instance_uid)
+                lost += 1
+            done.append(entry.token)
+        if done:
+            self.index.drop_journal(done)
+        if lost:
+            log.warning(
+                "recovery: %d unacknowledged instances removed from the index: their data "
+                "never reached the disk",
+                lost,
+            )
 
     def close(self) -> None:
         """Release resources."""

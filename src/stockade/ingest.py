@@ -36,6 +36,7 @@ from stockade.errors import (
     ObjectTooLarge,
     SOPClassNotSupported,
     StockadeError,
+    StorageFailure,
 )
 from stockade.index.base import Index, InstanceRecord, Outcome
 from stockade.settings import Settings
@@ -318,13 +319,23 @@ class Ingest:
         # 2 + 4. sanitised copy, staged durably
         source_ae = _source_ae(origin)
         header = file_header(sop_class, sop_instance, ts_uid, source_ae)
-        if (
+        streamed = (
             receiving is not None
             and stored is dataset
             and receiving.header == header
             and receiving.writer.size == len(header) + len(stored)
-        ):
-            staged = receiving.writer.finish()  # what arrived is exactly what is kept
+        )
+        journal: tuple[str, str] | None = None
+        if receiving is not None and streamed:
+            # What arrived is exactly what is kept. Its fsync is running: the index row
+            # commits meanwhile, with a journal entry that lets recovery remove the row if
+            # the blob never reached the disk (it is not acknowledged before both are done).
+            # A replacement waits for its blob first, as its old blob is deleted after.
+            if settings.allow_replace:
+                staged = receiving.writer.finish()
+            else:
+                staged = receiving.writer.written()
+                journal = (staged.area, staged.token)
         else:
             staged = self.store.stage((header, stored))
         record = InstanceRecord(
@@ -339,19 +350,32 @@ class Ingest:
             sender_ae=source_ae,
             sender_address=origin.address,
             received_at=datetime.now(UTC),
+            staging=journal,
         )
         # 5. index, in one transaction; 6. publish
         try:
             recorded = self.index.record(record, allow_replace=settings.allow_replace)
         except BaseException:
-            self.store.discard(staged)
+            if journal is not None and receiving is not None:
+                receiving.writer.abort()
+            else:
+                self.store.discard(staged)
             raise
+        if journal is not None and receiving is not None:
+            try:
+                staged = receiving.writer.finish()
+            except StorageFailure:
+                if recorded.outcome is Outcome.STORED:
+                    self.index.forget_instance(sop_instance)
+                raise
         if recorded.outcome is Outcome.DUPLICATE and self.store.exists(staged.key):
             self.store.discard(staged)
         else:
             # Also for a duplicate whose blob is not published yet (its writer died or is
             # still between its commit and its rename): our bytes are identical.
             self.store.commit(staged)
+        if journal is not None and recorded.outcome is Outcome.STORED:
+            self.index.published(staged.token)
         if recorded.replaced_blob_key:
             self.store.delete(recorded.replaced_blob_key)
             self.index.forget_deletion(recorded.replaced_blob_key)

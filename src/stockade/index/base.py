@@ -26,6 +26,9 @@ class InstanceRecord:
     sender_ae: str | None
     sender_address: str | None
     received_at: datetime
+    #: (staging area, token) when the row commits before the blob is durable: the index
+    #: then keeps a journal entry until :meth:`Index.published` is called.
+    staging: tuple[str, str] | None = None
 
     def get(self, keyword: str) -> str | int | None:
         """An indexed attribute by keyword."""
@@ -68,6 +71,16 @@ class StoredInstance:
 
 
 @dataclass(frozen=True)
+class JournalEntry:
+    """An instance whose index row committed while its blob was being synced."""
+
+    token: str
+    area: str
+    sop_instance_uid: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Node:
     """A configured DICOM peer (a remote application entity)."""
 
@@ -98,6 +111,18 @@ class Index(Protocol):
 
     def counts(self) -> dict[str, int]:
         """Numbers of patients, studies, series and instances."""
+
+    def published(self, token: str) -> None:
+        """The blob staged as *token* is durable and published: its journal entry may go."""
+
+    def forget_instance(self, sop_instance_uid: str) -> None:
+        """Remove an instance whose blob was lost before it was acknowledged."""
+
+    def staging_journal(self) -> list[JournalEntry]:
+        """Instances recorded while their blob was being synced, not yet marked published."""
+
+    def drop_journal(self, tokens: list[str]) -> None:
+        """Remove journal entries (after recovery has dealt with them)."""
 
     def find(self, query: Query) -> Found:
         """The matches of a query (PS3.4 C.2.2.2), one page of them."""

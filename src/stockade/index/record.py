@@ -31,7 +31,14 @@ from sqlalchemy.sql import ClauseElement
 from stockade.dicom.matching import normalize_name
 from stockade.errors import DuplicateConflict, HierarchyConflict, IndexFailure, StockadeError
 from stockade.index.base import InstanceRecord, Outcome, Recorded
-from stockade.index.schema import blob_deletions, instances, patients, series, studies
+from stockade.index.schema import (
+    blob_deletions,
+    instances,
+    patients,
+    series,
+    staging_journal,
+    studies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +214,17 @@ class InstanceWriter:
             .on_conflict_do_nothing()
         )
         self.ins_instance = sql(
-            insert(instances).values(_values(instances, ("sop_uid", *self.INSTANCE)))
+            insert(instances)
+            .values(_values(instances, ("sop_uid", *self.INSTANCE)))
+            .returning(instances.c.id)
+        )
+        self.ins_journal = sql(
+            insert(staging_journal).values(
+                _values(staging_journal, ("token", "area", "instance_pk", "sha256"))
+            )
+        )
+        self.del_journal = sql(
+            staging_journal.delete().where(staging_journal.c.token == bindparam("token"))
         )
         self.upd_instance = sql(
             update(instances)
@@ -298,7 +315,7 @@ class InstanceWriter:
             else:
                 conn.rollback()
 
-    def record_batch(self, tickets: Sequence[Ticket]) -> None:
+    def record_batch(self, tickets: Sequence[Ticket], published: Sequence[str] = ()) -> None:
         """Record every ticket's instance in one transaction, each in its own savepoint.
 
         Concurrent C-STOREs thus share one commit, and with it one synchronous flush of
@@ -309,7 +326,8 @@ class InstanceWriter:
         pending = list(tickets)
         try:
             for _attempt in range(3):
-                pending = self._attempt(pending)
+                pending = self._attempt(pending, published)
+                published = ()
                 if not pending:
                     return
             for ticket in pending:
@@ -319,7 +337,7 @@ class InstanceWriter:
                 if not ticket.done:
                     ticket.fail(IndexFailure("the index write was interrupted"))
 
-    def _attempt(self, tickets: list[Ticket]) -> list[Ticket]:
+    def _attempt(self, tickets: list[Ticket], published: Sequence[str]) -> list[Ticket]:
         """One transaction over *tickets*; returns those that lost a race (to retry)."""
         pooled = self._checkout()
         conn = pooled.driver_connection
@@ -329,6 +347,8 @@ class InstanceWriter:
         retry: list[Ticket] = []
         try:
             self._begin(cur)
+            for token in published:  # journal entries of blobs published since
+                self._run(cur, self.del_journal, {"token": token})
             for ticket in tickets:
                 cur.execute("SAVEPOINT instance")
                 try:
@@ -512,7 +532,19 @@ class InstanceWriter:
             self._bump_study(cur, study_pk, 0, 0, now)
             return Recorded(Outcome.REPLACED, replaced_blob_key=old_key)
 
-        self._run(cur, self.ins_instance, {"v_sop_uid": sop_uid, **values})
+        instance_pk = self._one(cur, self.ins_instance, {"v_sop_uid": sop_uid, **values})[0]
+        if rec.staging is not None:
+            area, token = rec.staging
+            self._run(
+                cur,
+                self.ins_journal,
+                {
+                    "v_token": token,
+                    "v_area": area,
+                    "v_instance_pk": instance_pk,
+                    "v_sha256": rec.sha256,
+                },
+            )
         self._run(cur, self.upd_series, {"pk": series_pk})
         # Updating the study row locks it; the modality recount below therefore sees every
         # series that a concurrent writer committed before us (READ COMMITTED).

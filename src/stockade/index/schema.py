@@ -124,3 +124,14 @@ blob_deletions = Table(
     Column("blob_key", String(96), primary_key=True),
     Column("queued_at", DateTime(timezone=True), nullable=False),
 )
+
+#: Instances whose index row committed while their staged blob was still being synced
+#: (``index/record.py``); an entry outlives publication a little and is then dropped.
+staging_journal = Table(
+    "staging_journal",
+    metadata,
+    Column("token", String(32), primary_key=True),
+    Column("area", String(64), nullable=False, index=True),
+    Column("instance_pk", Id, nullable=False),
+    Column("sha256", String(64), nullable=False),
+)

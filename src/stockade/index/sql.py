@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -26,14 +26,24 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 
 from stockade.errors import ConfigError, IndexFailure
-from stockade.index.base import InstanceRecord, Node, Recorded, StoredInstance
+from stockade.index.base import InstanceRecord, JournalEntry, Node, Recorded, StoredInstance
 from stockade.index.query import find
 from stockade.index.record import InstanceWriter, Ticket
-from stockade.index.schema import blob_deletions, instances, nodes, patients, series, studies
+from stockade.index.schema import (
+    blob_deletions,
+    instances,
+    nodes,
+    patients,
+    series,
+    staging_journal,
+    studies,
+)
 from stockade.query import Found, Query
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: Published tokens kept before their journal entries are dropped in a transaction of their own.
+MAX_PUBLISHED_BACKLOG = 10_000
 
 
 def _now() -> datetime:
@@ -116,6 +126,7 @@ class SqlIndex:
             else contextlib.nullcontext()
         )
         self._queue: list[Ticket] = []
+        self._published: list[str] = []
         self._queue_lock = threading.Lock()
 
     # -- schema ----------------------------------------------------------------------------
@@ -160,9 +171,114 @@ class SqlIndex:
             if not ticket.done:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
+                    published, self._published = self._published, []
                 with self._process_lock:
-                    self._instances.record_batch(batch)
+                    self._instances.record_batch(batch, published)
         return ticket.outcome()
+
+    # -- the staging journal ---------------------------------------------------------------
+
+    def published(self, token: str) -> None:
+        """Forget the journal entry of *token* with the next write (no transaction of its
+        own: the entry only matters after a crash, and recovery checks it then)."""
+        with self._queue_lock:
+            self._published.append(token)
+            flush = len(self._published) >= MAX_PUBLISHED_BACKLOG
+        if flush:
+            self._flush_published()
+
+    def _flush_published(self) -> None:
+        with self._queue_lock:
+            tokens, self._published = self._published, []
+        if tokens:
+            self.drop_journal(tokens)
+
+    def staging_journal(self) -> list[JournalEntry]:
+        """Every journal entry (recovery checks those of dead processes)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    staging_journal.c.token,
+                    staging_journal.c.area,
+                    instances.c.sop_uid,
+                    staging_journal.c.sha256,
+                ).join(instances, instances.c.id == staging_journal.c.instance_pk, isouter=True)
+            ).all()
+        return [JournalEntry(r.token, r.area, r.sop_uid or "", r.sha256) for r in rows]
+
+    def drop_journal(self, tokens: list[str]) -> None:
+        """Remove journal entries."""
+        with self._thread_lock, self._process_lock, self._write() as conn, conn.begin():
+            for start in range(0, len(tokens), 500):
+                conn.execute(
+                    staging_journal.delete().where(
+                        staging_journal.c.token.in_(tokens[start : start + 500])
+                    )
+                )
+
+    def forget_instance(self, sop_instance_uid: str) -> None:
+        """Remove an instance and keep its parents' counters right; parents left without
+        children go too. For instances whose blob was lost before they were acknowledged."""
+        with self._thread_lock, self._process_lock, self._write() as conn, conn.begin():
+            row = conn.execute(
+                select(instances.c.id, instances.c.series_pk).where(
+                    instances.c.sop_uid == sop_instance_uid
+                )
+            ).first()
+            if row is None:
+                return
+            conn.execute(staging_journal.delete().where(staging_journal.c.instance_pk == row.id))
+            conn.execute(instances.delete().where(instances.c.id == row.id))
+            left = conn.execute(
+                select(func.count()).where(instances.c.series_pk == row.series_pk)
+            ).scalar_one()
+            study_pk = conn.execute(
+                select(series.c.study_pk).where(series.c.id == row.series_pk)
+            ).scalar_one()
+            if left:
+                conn.execute(
+                    update(series)
+                    .where(series.c.id == row.series_pk)
+                    .values(num_instances=series.c.num_instances - 1)
+                )
+            else:
+                conn.execute(series.delete().where(series.c.id == row.series_pk))
+            modalities = (
+                conn.execute(
+                    select(series.c.modality)
+                    .where(series.c.study_pk == study_pk, series.c.modality.is_not(None))
+                    .distinct()
+                )
+                .scalars()
+                .all()
+            )
+            conn.execute(
+                update(studies)
+                .where(studies.c.id == study_pk)
+                .values(
+                    num_instances=studies.c.num_instances - 1,
+                    num_series=studies.c.num_series - (0 if left else 1),
+                    modalities="\\".join(sorted(modalities))[:256] or None,
+                    updated_at=_now(),
+                )
+            )
+            study = conn.execute(
+                select(studies.c.num_instances, studies.c.patient_pk).where(
+                    studies.c.id == study_pk
+                )
+            ).one()
+            if study.num_instances == 0:
+                patient_pk = study.patient_pk
+                conn.execute(studies.delete().where(studies.c.id == study_pk))
+                conn.execute(
+                    update(patients)
+                    .where(patients.c.id == patient_pk)
+                    .values(num_studies=patients.c.num_studies - 1)
+                )
+                if not conn.execute(
+                    select(func.count()).where(studies.c.patient_pk == patient_pk)
+                ).scalar_one():
+                    conn.execute(patients.delete().where(patients.c.id == patient_pk))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -308,6 +424,10 @@ class SqlIndex:
             ]
 
     def close(self) -> None:
-        """Dispose of the connection pool."""
+        """Drop the journal entries of published blobs; dispose of the connection pool."""
+        try:
+            self._flush_published()
+        except SQLAlchemyError as exc:  # recovery checks the entries left at the next start
+            log.warning("could not tidy the staging journal: %s", exc.__class__.__name__)
         self._instances.close()
         self.engine.dispose()

@@ -40,6 +40,7 @@ class Staged:
     token: str
     sha256: str
     size: int
+    area: str = ""  # the staging folder (of this process) that holds it
 
     @property
     def key(self) -> str:
@@ -65,6 +66,9 @@ class StagingWriter(Protocol):
 
     def start_sync(self) -> None:
         """Start making what was written durable (no more writes after this)."""
+
+    def written(self) -> Staged:
+        """The staged blob as it will be once durable (starts the sync if needed)."""
 
     def finish(self) -> Staged:
         """Wait until durable and return the staged blob (raises StorageFailure)."""
@@ -99,6 +103,10 @@ class BlobStore(Protocol):
 
     def keys(self) -> Iterator[str]:
         """Every published key (for verification; may be slow)."""
+
+    def check_staged(self, area: str, token: str, sha256: str) -> bool | None:
+        """Is the blob staged as *token* in *area* durable? None while that area's process
+        lives; else True if it is published or its staged copy is whole, False if lost."""
 
     def recover(self, is_indexed: Callable[[str], bool]) -> RecoveryReport:
         """Finish or discard staging left by processes that died."""

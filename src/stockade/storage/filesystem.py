@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -51,6 +52,18 @@ def _write_and_sync(fd: int, views: list[memoryview]) -> None:
         while rest:
             rest = rest[os.write(fd, rest) :]
     os.fsync(fd)
+
+
+_AREA = re.compile(r"[0-9]{1,10}-[0-9a-f]{8}")
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path | str) -> None:
@@ -107,6 +120,18 @@ class _Writer:
         if self._sync is None and self._error is None and not self._done:
             self._sync = self._store._pool().submit(os.fsync, self._fd)
 
+    def written(self) -> Staged:
+        """What the staged blob will be once :meth:`finish` returned."""
+        self.start_sync()
+        if self._error is not None:
+            raise StorageFailure(f"cannot write to the blob store: {self._error.strerror}")
+        return Staged(
+            token=self._token,
+            sha256=self._digest.hexdigest(),
+            size=self.size,
+            area=self._store.area_name,
+        )
+
     def finish(self) -> Staged:
         """Wait until the bytes are durable; the file is then a staged blob."""
         if self._done:
@@ -125,7 +150,12 @@ class _Writer:
             self.abort()
             raise StorageFailure(f"cannot write to the blob store: {exc.strerror}") from None
         self._done = True
-        return Staged(token=self._token, sha256=self._digest.hexdigest(), size=self.size)
+        return Staged(
+            token=self._token,
+            sha256=self._digest.hexdigest(),
+            size=self.size,
+            area=self._store.area_name,
+        )
 
     def abort(self) -> None:
         """Drop the file (a no-op once :meth:`finish` returned)."""
@@ -268,7 +298,7 @@ class FilesystemBlobStore:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise StorageFailure(f"cannot write to the blob store: {exc.strerror}") from None
-        return Staged(token=token, sha256=digest.hexdigest(), size=size)
+        return Staged(token=token, sha256=digest.hexdigest(), size=size, area=self.area_name)
 
     def writer(self) -> StagingWriter:
         """A staging file to fill piece by piece (bytes hashed as they are written)."""
@@ -353,6 +383,35 @@ class FilesystemBlobStore:
 
     # -- crash recovery --------------------------------------------------------------------
 
+    @property
+    def area_name(self) -> str:
+        """The name of this process's staging folder."""
+        return self._staging_area().name
+
+    def check_staged(self, area: str, token: str, sha256: str) -> bool | None:
+        """See :meth:`BlobStore.check_staged` (names are checked, never trusted)."""
+        if not _AREA.fullmatch(area) or not _TOKEN.fullmatch(token):
+            return False
+        folder = self.staging_root / area
+        if self._area is not None and folder == self._area:
+            return None
+        if folder.is_dir():
+            try:
+                fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+            except OSError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    return None  # its process is alive
+                finally:
+                    os.close(fd)
+            staged = folder / f"{token}.tmp"
+            if staged.is_file():
+                return _file_sha256(staged) == sha256
+        return os.path.isfile(self._blobs_prefix + key_for(sha256))
+
     def recover(self, is_indexed: Callable[[str], bool]) -> RecoveryReport:
         """Finish or discard what dead processes left in staging.
 
@@ -378,11 +437,7 @@ class FilesystemBlobStore:
                     if tmp.stat().st_size == 0:  # a spare never written to
                         tmp.unlink()
                         continue
-                    digest = hashlib.sha256()
-                    with tmp.open("rb") as fh:
-                        while chunk := fh.read(1 << 20):
-                            digest.update(chunk)
-                    key = key_for(digest.hexdigest())
+                    key = key_for(_file_sha256(tmp))
                     target = self._path(key)
                     if is_indexed(key) and not target.exists():
                         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
