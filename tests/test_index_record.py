@@ -106,3 +106,35 @@ def test_a_failed_transaction_fails_every_ticket_of_the_batch(index: SqlIndex) -
     with pytest.raises(IndexFailure):
         tickets[0].outcome()
     index.close()
+
+
+def test_sqlite_writes_return_after_their_wal_is_synced(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite runs with synchronous=NORMAL; every write syncs the WAL before returning."""
+    import os
+    from pathlib import Path
+
+    from stockade.index.base import Node
+
+    assert isinstance(tmp_path, Path)
+    index = SqlIndex(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    index.migrate()
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    index.record(
+        _record(generate_uid(), generate_uid(), generate_uid(), "P4", "f"), allow_replace=False
+    )
+    assert synced == [str(tmp_path / "index.sqlite3-wal")]
+    index.add_node(Node("peer", "PEER", "127.0.0.1", 104, frozenset({"echo"})))
+    assert len(synced) == 2
+    with index.engine.connect() as conn:
+        mode = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+    assert mode == 1  # NORMAL: SQLite does not sync inside its write lock; Stockade does
+    index.close()
