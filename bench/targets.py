@@ -120,7 +120,9 @@ class Stockade(Target):
         revision = first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
         info = {
             "version": f"stockade {__version__} (git {revision})",
-            "index": "PostgreSQL" if self.database_url else "SQLite (WAL, synchronous=FULL)",
+            "index": "PostgreSQL"
+            if self.database_url
+            else "SQLite (WAL; every commit fdatasynced before the answer)",
             "dicom_workers": str(self.workers),
         }
         changed = _git_changes()
