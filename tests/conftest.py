@@ -7,6 +7,7 @@ PostgreSQL runs are skipped, and say why. With ``CI=true`` a skipped test is a f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -46,11 +47,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"skipped in CI (not allowed): {reason}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL for an empty index: SQLite in tmp_path, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'index.sqlite3'}"
+@contextlib.contextmanager
+def database(kind: str, folder: Path) -> Iterator[str]:
+    """The URL of an empty index: SQLite in *folder*, or a fresh PostgreSQL schema (dropped
+    afterwards). Skips the test when PostgreSQL is asked for and not configured."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'index.sqlite3'}"
         return
     if not POSTGRES_URL:
         pytest.skip("STOCKADE_TEST_POSTGRES_URL is not set: PostgreSQL runs skipped")
@@ -65,6 +67,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL for an empty index: SQLite in tmp_path, or a fresh PostgreSQL schema."""
+    with database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -210,6 +210,7 @@ class StockadeServer:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    settings: dict[str, str] = field(default_factory=dict)  # extra STOCKADE_* variables
 
     @property
     def data_dir(self) -> Path:
@@ -233,6 +234,7 @@ class StockadeServer:
         }
         if self.db_url:
             extra["STOCKADE_DATABASE_URL"] = self.db_url
+        extra.update(self.settings)
         return clean_env(extra)
 
     # life cycle
@@ -429,11 +431,14 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., StockadeServer]]:
     servers: list[StockadeServer] = []
 
     def factory(
-        db_url: str | None = None, workers: int = 1, name: str = "stockade"
+        db_url: str | None = None,
+        workers: int = 1,
+        name: str = "stockade",
+        settings: dict[str, str] | None = None,
     ) -> StockadeServer:
         root = tmp_path / name
         root.mkdir()
-        server = StockadeServer(root, db_url=db_url, workers=workers)
+        server = StockadeServer(root, db_url=db_url, workers=workers, settings=settings or {})
         servers.append(server)
         return server
 

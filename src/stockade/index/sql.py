@@ -172,14 +172,18 @@ class SqlIndex:
         commits are durable when they return).
 
         Any descriptor of the WAL file flushes it. A WAL that is gone was checkpointed into
-        the database and removed by SQLite, which synced the database first.
+        the database and removed by SQLite (which synced the database first); the database
+        file is then synced instead, so that a wrong path fails loudly rather than silently.
         """
         if self._wal is None:
             return
         try:
-            fd = os.open(self._wal, os.O_RDONLY)
-        except FileNotFoundError:
-            return
+            try:
+                fd = os.open(self._wal, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = os.open(self._wal[: -len("-wal")], os.O_RDONLY)
+        except OSError as exc:
+            raise IndexFailure(f"cannot make the index durable: {exc.strerror}") from None
         try:
             os.fdatasync(fd)
         except OSError as exc:
