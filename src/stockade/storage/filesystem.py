@@ -125,6 +125,9 @@ class _Writer:
         self.start_sync()
         if self._error is not None:
             raise StorageFailure(f"cannot write to the blob store: {self._error.strerror}")
+        return self._staged()
+
+    def _staged(self) -> Staged:
         return Staged(
             token=self._token,
             sha256=self._digest.hexdigest(),
@@ -150,12 +153,7 @@ class _Writer:
             self.abort()
             raise StorageFailure(f"cannot write to the blob store: {exc.strerror}") from None
         self._done = True
-        return Staged(
-            token=self._token,
-            sha256=self._digest.hexdigest(),
-            size=self.size,
-            area=self._store.area_name,
-        )
+        return self._staged()
 
     def abort(self) -> None:
         """Drop the file (a no-op once :meth:`finish` returned)."""
