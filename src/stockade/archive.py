@@ -20,11 +20,18 @@ from stockade.audit.events import (
     AuditEvent,
     IntegrityChecked,
     NodeChanged,
+    QueryPerformed,
 )
 from stockade.audit.sink import AuditSink
 from stockade.dicom.attributes import Level
 from stockade.dicom.uids import ae_title_problem, uid_problem
-from stockade.errors import ConfigError, IntegrityError, NotAuthorized, StorageFailure
+from stockade.errors import (
+    ConfigError,
+    IntegrityError,
+    NotAuthorized,
+    StockadeError,
+    StorageFailure,
+)
 from stockade.index.base import Index, Node, StoredInstance
 from stockade.ingest import Buffer, Ingest, Origin, Receiving, StoreResult
 from stockade.query import Found, build
@@ -238,18 +245,47 @@ class Archive:
         NotAuthorized
             The peer may not query.
         """
-        if peer is not None:
-            peer.check("find")
-        cap = self.settings.query_max_results
-        query = build(
-            level,
-            values,
-            return_keys=return_keys,
-            limit=cap if limit is None else min(limit, cap),
-            offset=offset,
-            case_sensitive_names=self.settings.query_case_sensitive_names,
+        actor = Actor(
+            ae_title=peer.ae_title if peer else None,
+            address=peer.address if peer else None,
+            via="dimse" if peer else "internal",
         )
-        return self.index.find(query)
+        keys = {k: str(v)[:256] for k, v in values.items() if v}
+        try:
+            if peer is not None:
+                peer.check("find")
+            cap = self.settings.query_max_results
+            query = build(
+                level,
+                values,
+                return_keys=return_keys,
+                limit=cap if limit is None else min(limit, cap),
+                offset=offset,
+                case_sensitive_names=self.settings.query_case_sensitive_names,
+            )
+            found = self.index.find(query)
+        except StockadeError as exc:
+            self.audit(
+                QueryPerformed(
+                    actor=actor,
+                    outcome="failure",
+                    level=str(level),
+                    keys=keys,
+                    matches=0,
+                    reason=exc.reason,
+                )
+            )
+            raise
+        self.audit(
+            QueryPerformed(
+                actor=actor,
+                level=str(level),
+                keys=keys,
+                matches=len(found.rows),
+                truncated=found.more,
+            )
+        )
+        return found
 
     # -- association admission -------------------------------------------------------------
 

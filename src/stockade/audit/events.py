@@ -85,6 +85,19 @@ class SecurityAlert(AuditEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class QueryPerformed(AuditEvent):
+    """A query ran (ATNA: Query, PS3.15 A.5.3.10); outcome failure when it was refused.
+
+    The query keys are recorded (they may name a patient: the trail is PHI, mode 0600)."""
+
+    level: str
+    keys: dict[str, str]
+    matches: int
+    truncated: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ApplicationActivity(AuditEvent):
     """The archive started or stopped (PS3.15 A.5.3.1)."""
 
@@ -112,6 +125,7 @@ EVENT_TYPES: tuple[type[AuditEvent], ...] = (
     InstanceRejected,
     AssociationRejected,
     SecurityAlert,
+    QueryPerformed,
     ApplicationActivity,
     NodeChanged,
     IntegrityChecked,
