@@ -357,15 +357,17 @@ class Association:
     def send_message(
         self, context_id: int, elements: list[tuple[int, int | str]], dataset: bytes
     ) -> None:
-        """Send a command with a data set (PS3.7 9.3), split to the peer's maximum PDU."""
-        self.send_command(context_id, elements)
+        """Send a command with a data set (PS3.7 9.3), split to the peer's maximum PDU, in
+        one write (a response then costs one system call, and no peer waits on Nagle)."""
+        out = [self._command_pdu(context_id, elements)]
         room = (self.peer_max_pdu or MAX_SEND_PDU) - 12  # PDU and PDV item headers
         room = max(2, min(room, MAX_SEND_PDU) & ~1)
         for pos in range(0, max(len(dataset), 1), room):
             chunk = dataset[pos : pos + room]
             last = pos + room >= len(dataset)
             pdv = struct.pack(">LBB", len(chunk) + 2, context_id, 0x02 if last else 0x00)
-            self._send(struct.pack(">BBL", P_DATA_TF, 0, len(pdv) + len(chunk)) + pdv + chunk)
+            out.append(struct.pack(">BBL", P_DATA_TF, 0, len(pdv) + len(chunk)) + pdv + chunk)
+        self._send(b"".join(out))
 
     def cancel_requested(self, message_id: int) -> bool:
         """True if the peer sent C-CANCEL-RQ for *message_id* (PS3.7 9.3.2.3), without
@@ -394,10 +396,13 @@ class Association:
             raise _Closed("only C-CANCEL-RQ may arrive during a response sequence")
         return command.get(Tag.MESSAGE_ID_BEING_RESPONDED_TO) == message_id
 
-    def send_command(self, context_id: int, elements: list[tuple[int, int | str]]) -> None:
-        """Send a command-only message (a response) in one P-DATA-TF PDU."""
+    def _command_pdu(self, context_id: int, elements: list[tuple[int, int | str]]) -> bytes:
         data = commands.encode(elements)
         if self.peer_max_pdu and len(data) + 6 > self.peer_max_pdu:
             raise ObjectTooLarge("peer's maximum PDU is too small for a response")
         pdv = struct.pack(">LBB", len(data) + 2, context_id, 0x03) + data
-        self._send(struct.pack(">BBL", P_DATA_TF, 0, len(pdv)) + pdv)
+        return struct.pack(">BBL", P_DATA_TF, 0, len(pdv)) + pdv
+
+    def send_command(self, context_id: int, elements: list[tuple[int, int | str]]) -> None:
+        """Send a command-only message (a response) in one P-DATA-TF PDU."""
+        self._send(self._command_pdu(context_id, elements))

@@ -11,20 +11,16 @@ the query with C-CANCEL (answered FE00H). A query that matches more than
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 from collections.abc import Iterator
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
-from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
 
 from stockade.dicom.attributes import Level
@@ -139,6 +135,24 @@ def _charset_for(rows: list[dict[str, str | int | None]]) -> str | None:
     return None
 
 
+#: VRs with a 4-byte length in Explicit VR encoding (PS3.5 7.1.2)
+_LONG_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
+
+
+def _element(tag: int, vr: str, raw: bytes, explicit: bool) -> bytes:
+    """One Little Endian data element (PS3.5 7.1); the value padded to even length."""
+    if len(raw) % 2:
+        raw += b"\x00" if vr == "UI" else b" "
+    group, element = tag >> 16, tag & 0xFFFF
+    if not explicit:
+        return struct.pack("<HHL", group, element, len(raw)) + raw
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", group, element, vr.encode(), 0, len(raw)) + raw
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(raw)) + raw
+
+
 def response_identifiers(
     found: Found,
     level: Level,
@@ -147,37 +161,32 @@ def response_identifiers(
     transfer_syntax: str,
 ) -> Iterator[bytes]:
     """Encode each match as a response identifier (PS3.4 C.4.1.1.3.2): the requested keys
-    (empty when Stockade holds no value), the unique keys, the level and the charset."""
+    (empty when Stockade holds no value), the unique keys, the level and the charset.
+
+    Encoded directly (Little Endian, the only byte order the FIND contexts accept): the
+    values are text and numbers from the index, and pydicom's general writer cost about
+    0.5 ms per match."""
     ts = TRANSFER_SYNTAX_BY_UID[transfer_syntax]
+    explicit = not ts.implicit_vr
     charset = _charset_for(found.rows)
+    codec = "utf-8" if charset else "ascii"
+    fixed: dict[int, tuple[str, bytes]] = {
+        QUERY_RETRIEVE_LEVEL: ("CS", str(level).encode("ascii")),
+        0x00080054: ("AE", retrieve_ae.encode("ascii")),  # RetrieveAETitle
+    }
+    if charset:
+        fixed[SPECIFIC_CHARACTER_SET] = ("CS", charset.encode("ascii"))
+    empty = {tag: (_vr(tag), b"") for tag in requested}
     for row in found.rows:
-        ds = Dataset()
-        if charset:
-            ds.SpecificCharacterSet = charset
-        ds.QueryRetrieveLevel = str(level)
-        ds.RetrieveAETitle = retrieve_ae
-        for tag in requested:  # keys Stockade holds no value for: returned empty
-            key = KEYS_BY_TAG.get(tag)
-            if (key is None or key.keyword not in row) and tag not in ds:
-                vr = _vr(tag)
-                ds.add(DataElement(tag, vr, Sequence() if vr == "SQ" else None))
+        elements = dict(empty)
+        elements.update(fixed)
         for keyword, value in row.items():
-            key_tag = _tag_of(keyword)
-            ds.add(DataElement(key_tag, _vr(key_tag), _value(value)))
-        buf = DicomBytesIO()
-        buf.is_little_endian = ts.little_endian
-        buf.is_implicit_VR = ts.implicit_vr
-        with pydicom_config.disable_value_validation():
-            write_dataset(buf, ds)
-        yield bytes(buf.getvalue())
-
-
-def _value(value: str | int | None) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return str(value)
-    return value
+            tag = _tag_of(keyword)
+            raw = b"" if value is None else str(value).encode(codec, "replace")
+            elements[tag] = (_vr(tag), raw)
+        yield b"".join(
+            _element(tag, vr, raw, explicit) for tag, (vr, raw) in sorted(elements.items())
+        )
 
 
 _TAGS = {key.keyword: tag for tag, key in KEYS_BY_TAG.items()}

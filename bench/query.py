@@ -1,0 +1,305 @@
+"""C-FIND latency of Stockade on a large synthetic index (``python -m bench.query``).
+
+The index is filled straight through the index's own writer (``InstanceWriter.record_batch``,
+500 instances per transaction): C-FIND reads only the index, so no blobs are written. Then
+``stockade serve`` runs on it and one pynetdicom association, reused for every query, sends
+each study-level query ``--repeats`` times; the figure is the median wall time from sending
+the C-FIND-RQ to receiving its final response, with the number of matches checked against
+what the generator made.
+
+Queries (Study Root, STUDY level), as in docs/benchmarks.md:
+
+- ``PatientID``: one patient's ID, exact;
+- ``PatientName`` wildcard: ``NAME43*`` (patients 43 and 430-439);
+- ``StudyDate`` range: one month.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pynetdicom.dimse_messages import C_FIND_RQ
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore
+
+from bench.common import WORK, BenchError, Service, free_port, wait_for_echo
+from bench.targets import _fresh_schema
+from stockade.index.base import InstanceRecord
+from stockade.index.record import Ticket
+from stockade.index.sql import SqlIndex
+
+STUDIES_PER_PATIENT, SERIES_PER_STUDY, INSTANCES_PER_SERIES = 2, 2, 5
+PER_PATIENT = STUDIES_PER_PATIENT * SERIES_PER_STUDY * INSTANCES_PER_SERIES
+FIRST_DAY = date(2020, 1, 1)
+DAYS = 5 * 365
+
+
+def study_date(patient: int, study: int) -> str:
+    """Dates spread evenly over five years."""
+    day = (patient * 7919 + study * 104729) % DAYS
+    return (FIRST_DAY + timedelta(days=day)).strftime("%Y%m%d")
+
+
+def records(patients: int) -> Iterator[InstanceRecord]:
+    """The synthetic archive, instance by instance."""
+    now = datetime.now(UTC)
+    for p in range(patients):
+        for s in range(STUDIES_PER_PATIENT):
+            study = generate_uid()
+            for _se in range(SERIES_PER_STUDY):
+                series = generate_uid()
+                for i in range(INSTANCES_PER_SERIES):
+                    sop = generate_uid()
+                    yield InstanceRecord(
+                        attributes={
+                            "SOPInstanceUID": sop,
+                            "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                            "SeriesInstanceUID": series,
+                            "StudyInstanceUID": study,
+                            "PatientID": f"PID{p:06d}",
+                            "PatientName": f"NAME{p}^GIVEN{p % 97}",
+                            "StudyDate": study_date(p, s),
+                            "Modality": "CT",
+                            "InstanceNumber": i + 1,
+                        },
+                        sha256=f"{p:016x}{s:016x}{i:032x}",
+                        blob_key="sha256/00/" + "0" * 64,
+                        size=1,
+                        transfer_syntax="1.2.840.10008.1.2.1",
+                        preamble="none",
+                        trailing_bytes=0,
+                        origin="import",
+                        sender_ae=None,
+                        sender_address=None,
+                        received_at=now,
+                    )
+
+
+def fill(url: str, instances: int) -> float:
+    """Fill an empty index; return the seconds it took."""
+    index = SqlIndex(url)
+    index.migrate()
+    started = time.monotonic()
+    batch: list[Ticket] = []
+    for record in records(instances // PER_PATIENT):
+        batch.append(Ticket(record, False))
+        if len(batch) == 500:
+            index._instances.record_batch(batch)
+            batch = []
+    if batch:
+        index._instances.record_batch(batch)
+    index.close()
+    return time.monotonic() - started
+
+
+def expected_named(patients: int, prefix: str = "43") -> int:
+    """Studies of patients whose number starts with *prefix* (``NAME43*``)."""
+    return STUDIES_PER_PATIENT * sum(1 for p in range(patients) if str(p).startswith(prefix))
+
+
+def queries(patients: int) -> list[tuple[str, dict[str, str], int]]:
+    """(name, keys, expected number of matching studies)."""
+    low, high = "20230101", "20230131"
+    in_month = sum(
+        1
+        for p in range(patients)
+        for s in range(STUDIES_PER_PATIENT)
+        if low <= study_date(p, s) <= high
+    )
+    return [
+        ("PatientID, exact", {"PatientID": f"PID{patients // 2:06d}"}, STUDIES_PER_PATIENT),
+        ("PatientName NAME43*", {"PatientName": "NAME43*"}, expected_named(patients)),
+        (f"StudyDate {low}-{high}", {"StudyDate": f"{low}-{high}"}, in_month),
+    ]
+
+
+class FindClient:
+    """A minimal C-FIND SCU on one reused association: each query goes out in one write and
+    the responses are only counted, so the figure is the archive's, not a client library's.
+    PDUs are encoded with pynetdicom's encoders (PS3.8 9.3)."""
+
+    def __init__(self, port: int) -> None:
+        request = A_ASSOCIATE()
+        request.application_context_name = "1.2.840.10008.3.1.1.1"
+        request.calling_ae_title = "BENCHSCU"
+        request.called_ae_title = "STOCKADE"
+        context = build_context(
+            StudyRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian]
+        )
+        context.context_id = 1
+        request.presentation_context_definition_list = [context]
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = 256 * 1024
+        request.user_information = [max_length]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(request)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(pdu.encode())
+        if self._pdu()[0] != 0x02:
+            raise BenchError("association refused")
+        self.message_id = 0
+
+    def _exact(self, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise BenchError("archive closed the association")
+            data += chunk
+        return bytes(data)
+
+    def _pdu(self) -> tuple[int, bytes]:
+        pdu_type, _, length = struct.unpack(">BBL", self._exact(6))
+        return pdu_type, self._exact(length)
+
+    def find(self, identifier: bytes) -> int:
+        """Send one C-FIND-RQ; return the number of pending responses before success."""
+        self.message_id += 1
+        primitive = C_FIND()
+        primitive.MessageID = self.message_id
+        primitive.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+        primitive.Priority = 2
+        primitive.Identifier = BytesIO(identifier)
+        message = C_FIND_RQ()
+        message.primitive_to_message(primitive)
+        out = b""
+        for item in message.encode_msg(1, 256 * 1024):
+            pdu = P_DATA_TF()
+            pdu.from_primitive(item)
+            out += pdu.encode()
+        self.sock.sendall(out)
+        pending = 0
+        while True:
+            pdu_type, body = self._pdu()
+            if pdu_type != 0x04:
+                raise BenchError(f"unexpected PDU {pdu_type:#04x}")
+            pos = 0
+            while pos < len(body):
+                (length,) = struct.unpack_from(">L", body, pos)
+                header = body[pos + 5]
+                if header & 0x01 and header & 0x02:  # a complete command fragment
+                    command = body[pos + 6 : pos + 4 + length]
+                    status = _status(command)
+                    if status in (0xFF00, 0xFF01):
+                        pending += 1
+                    elif status == 0x0000:
+                        return pending
+                    else:
+                        raise BenchError(f"C-FIND failed with status {status:#06x}")
+                pos += 4 + length
+
+    def close(self) -> None:
+        self.sock.sendall(struct.pack(">BBLL", 0x05, 0, 4, 0))
+        with contextlib.suppress(BenchError, OSError):
+            self._pdu()
+        self.sock.close()
+
+
+def _status(command: bytes) -> int:
+    """Status (0000,0900) of an Implicit VR Little Endian command set."""
+    pos = 0
+    while pos + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHL", command, pos)
+        if (group, element) == (0x0000, 0x0900):
+            return int(struct.unpack_from("<H", command, pos + 8)[0])
+        pos += 8 + length
+    raise BenchError("response without a status")
+
+
+def identifier(keys: dict[str, str]) -> bytes:
+    """A study-level identifier in Implicit VR Little Endian."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = ""
+    ds.PatientName = ""
+    ds.PatientID = ""
+    ds.StudyDate = ""
+    for key, value in keys.items():
+        setattr(ds, key, value)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, ds)
+    return bytes(buf.getvalue())
+
+
+def measure(port: int, keys: dict[str, str], repeats: int) -> tuple[float, int]:
+    """Median milliseconds per C-FIND over one reused association, and the matches."""
+    client = FindClient(port)
+    times, matches = [], 0
+    try:
+        encoded = identifier(keys)
+        for _ in range(repeats + 2):  # two warm-up queries
+            started = time.perf_counter()
+            matches = client.find(encoded)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        client.close()
+    return statistics.median(times[2:]), matches
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.query", description=__doc__)
+    parser.add_argument("--instances", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--database-url", default=None, help="PostgreSQL (a fresh schema)")
+    args = parser.parse_args(argv)
+    patients = args.instances // PER_PATIENT
+    folder = WORK / "query" / ("postgresql" if args.database_url else "sqlite")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        if args.database_url:
+            url = stack.enter_context(_fresh_schema(args.database_url))
+        else:
+            url = f"sqlite:///{folder / 'index.sqlite3'}"
+        seconds = fill(url, args.instances)
+        where = url.split("?")[0]
+        print(f"filled {patients * PER_PATIENT} instances in {seconds:.1f} s ({where})")
+        port = free_port()
+        env = {
+            "STOCKADE_DATA_DIR": str(folder / "data"),
+            "STOCKADE_DATABASE_URL": url,
+            "STOCKADE_DICOM_PORT": str(port),
+            "STOCKADE_LOG_LEVEL": "WARNING",
+        }
+        service = stack.enter_context(
+            Service(
+                "stockade",
+                [sys.executable, "-m", "stockade.cli", "serve"],
+                {**os.environ, **env},
+                folder / "server.log",
+            )
+        )
+        wait_for_echo(service, "STOCKADE", port, 60)
+        print("| query | matches | median ms |")
+        print("|---|---:|---:|")
+        ok = True
+        for name, keys, expected in queries(patients):
+            median, matches = measure(port, keys, args.repeats)
+            flag = "" if matches == expected else f" (expected {expected})"
+            ok = ok and matches == expected
+            print(f"| {name} | {matches}{flag} | {median:.1f} |")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
