@@ -357,9 +357,12 @@ class Association:
     def send_message(
         self, context_id: int, elements: list[tuple[int, int | str]], dataset: bytes
     ) -> None:
-        """Send a command with a data set (PS3.7 9.3), split to the peer's maximum PDU, in
-        one write (a response then costs one system call, and no peer waits on Nagle)."""
-        out = [self._command_pdu(context_id, elements)]
+        """Send a command with a data set (PS3.7 9.3) in one write."""
+        self._send(self.command_pdu(context_id, elements) + self.data_pdus(context_id, dataset))
+
+    def data_pdus(self, context_id: int, dataset: bytes) -> bytes:
+        """A data set as P-DATA-TF PDUs within the peer's maximum PDU length (PS3.8 9.3.5)."""
+        out = []
         room = (self.peer_max_pdu or MAX_SEND_PDU) - 12  # PDU and PDV item headers
         room = max(2, min(room, MAX_SEND_PDU) & ~1)
         for pos in range(0, max(len(dataset), 1), room):
@@ -367,7 +370,11 @@ class Association:
             last = pos + room >= len(dataset)
             pdv = struct.pack(">LBB", len(chunk) + 2, context_id, 0x02 if last else 0x00)
             out.append(struct.pack(">BBL", P_DATA_TF, 0, len(pdv) + len(chunk)) + pdv + chunk)
-        self._send(b"".join(out))
+        return b"".join(out)
+
+    def send_raw(self, data: bytes) -> None:
+        """Send already encoded PDUs."""
+        self._send(data)
 
     def cancel_requested(self, message_id: int) -> bool:
         """True if the peer sent C-CANCEL-RQ for *message_id* (PS3.7 9.3.2.3), without
@@ -396,7 +403,8 @@ class Association:
             raise _Closed("only C-CANCEL-RQ may arrive during a response sequence")
         return command.get(Tag.MESSAGE_ID_BEING_RESPONDED_TO) == message_id
 
-    def _command_pdu(self, context_id: int, elements: list[tuple[int, int | str]]) -> bytes:
+    def command_pdu(self, context_id: int, elements: list[tuple[int, int | str]]) -> bytes:
+        """A command set as one P-DATA-TF PDU (PS3.7 9.3, PS3.8 9.3.5)."""
         data = commands.encode(elements)
         if self.peer_max_pdu and len(data) + 6 > self.peer_max_pdu:
             raise ObjectTooLarge("peer's maximum PDU is too small for a response")
@@ -405,4 +413,4 @@ class Association:
 
     def send_command(self, context_id: int, elements: list[tuple[int, int | str]]) -> None:
         """Send a command-only message (a response) in one P-DATA-TF PDU."""
-        self._send(self._command_pdu(context_id, elements))
+        self._send(self.command_pdu(context_id, elements))

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 Annex C
 PROCESSING_FAILURE = 0x0110
+#: C-FIND pending responses sent per write (and between looks for a C-CANCEL-RQ).
+FIND_BATCH = 16
 
 
 def supported_contexts() -> list[PresentationContext]:
@@ -209,31 +211,56 @@ class DimseServer:
         return SUCCESS, None
 
     def _find(self, assoc: Association, peer: Peer, message: Message) -> None:
-        """Answer a C-FIND-RQ with pending responses and a final status (PS3.4 C.4.1.3)."""
+        """Answer a C-FIND-RQ with pending responses and a final status (PS3.4 C.4.1.3).
+
+        Pending responses share one command set, encoded once, and go out in batches of
+        :data:`FIND_BATCH` per write; the peer's C-CANCEL-RQ is looked for before each
+        batch (responses already sent may still arrive after it, PS3.7 9.3.2.3).
+        """
         message_id = message.command.get(Tag.MESSAGE_ID, 0)
         mid = int(message_id) if isinstance(message_id, int) else 0
+        cx = message.context_id
+        batch: list[bytes] = []
+        pending: bytes | None = None
+
+        def flush() -> None:
+            if batch:
+                assoc.send_raw(b"".join(batch))
+                batch.clear()
+
+        def cancelled() -> bool:
+            if batch and len(batch) < 2 * FIND_BATCH:
+                return False  # looked before the first match, then once per batch
+            flush()
+            return assoc.cancel_requested(mid)
+
         responses = self.finder.run(
             peer,
             message.abstract_syntax,
             message.dataset or b"",
             message.transfer_syntax,
-            lambda: assoc.cancel_requested(mid),
+            cancelled,
         )
         try:
             for status, identifier, comment in responses:
                 if identifier is None:
+                    flush()
                     self._respond(assoc, message, Command.C_FIND_RSP, mid, status, comment)
-                else:
+                    continue
+                if pending is None:
                     elements = self._response_elements(
                         message, Command.C_FIND_RSP, mid, status, None, with_dataset=True
                     )
-                    assoc.send_message(message.context_id, elements, identifier)
+                    pending = assoc.command_pdu(cx, elements)
+                batch += (pending, assoc.data_pdus(cx, identifier))
         except StockadeError as exc:
+            flush()
             self._respond(assoc, message, Command.C_FIND_RSP, mid, exc.dimse_status, exc.reason)
         except _Closed:
             raise
         except Exception:  # the adapter boundary: a bug must not kill the association
             log.exception("C-FIND from %s failed", peer.ae_title)
+            flush()
             self._respond(
                 assoc, message, Command.C_FIND_RSP, mid, PROCESSING_FAILURE, "internal error"
             )
