@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -594,3 +595,49 @@ def dataset_offset(raw: bytes) -> int:
         else:
             pos += 8 + int.from_bytes(raw[pos + 6 : pos + 8], "little")
     return pos
+
+
+# -- a raw DIMSE peer (for what DCMTK cannot be made to send) --------------------------------
+
+
+def recv_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one PDU (PS3.8 9.3): its type and body."""
+    header = b""
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        assert chunk, "server closed the connection"
+        header += chunk
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        assert chunk, "server closed the connection"
+        body += chunk
+    return pdu_type, body
+
+
+def raw_associate(
+    port: int, abstract_syntax: str, transfer_syntax: str, calling_ae: str
+) -> socket.socket:
+    """Open an association with one presentation context (id 1), encoded by pynetdicom."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title = calling_ae
+    request.called_ae_title = AE_TITLE
+    context = build_context(abstract_syntax, [transfer_syntax])
+    context.context_id = 1
+    request.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    request.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(request)
+    sock = socket.create_connection((HOST, port), timeout=10)
+    sock.sendall(pdu.encode())
+    pdu_type, _ = recv_pdu(sock)
+    assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type:#04x})"
+    return sock

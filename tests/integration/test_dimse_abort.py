@@ -12,50 +12,15 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
+from pynetdicom.pdu import P_DATA_TF
 
 from tests.dicomfactory import bare, make_dataset
 
-from .conftest import StockadeServer
-
-HOST = "127.0.0.1"
-
-
-def _recv_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    header = b""
-    while len(header) < 6:
-        chunk = sock.recv(6 - len(header))
-        assert chunk, "server closed the connection"
-        header += chunk
-    pdu_type, _, length = struct.unpack(">BBL", header)
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        assert chunk, "server closed the connection"
-        body += chunk
-    return pdu_type, body
+from .conftest import StockadeServer, raw_associate, recv_pdu
 
 
 def _associate(port: int) -> socket.socket:
-    request = A_ASSOCIATE()
-    request.application_context_name = "1.2.840.10008.3.1.1.1"
-    request.calling_ae_title = "ABORTSCU"
-    request.called_ae_title = "STOCKADE"
-    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    context.context_id = 1
-    request.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    request.user_information = [max_length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(request)
-    sock = socket.create_connection((HOST, port), timeout=10)
-    sock.sendall(pdu.encode())
-    pdu_type, _ = _recv_pdu(sock)
-    assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type:#04x})"
-    return sock
+    return raw_associate(port, CTImageStorage, ExplicitVRLittleEndian, "ABORTSCU")
 
 
 def _store_pdus(dataset: bytes, sop_uid: str) -> list[bytes]:
@@ -117,12 +82,12 @@ def test_abort_inside_a_data_set_discards_the_partial_object(
     sock = _associate(server.port)
     for pdu in pdus:
         sock.sendall(pdu)
-    pdu_type, body = _recv_pdu(sock)
+    pdu_type, body = recv_pdu(sock)
     assert pdu_type == 0x04
     response = dcmread(BytesIO(body[6:]), force=True)  # one PDV: the command set
     assert response.CommandField == 0x8001 and response.Status == 0x0000
     sock.sendall(struct.pack(">BBLL", 0x05, 0, 4, 0))
-    assert _recv_pdu(sock)[0] == 0x06
+    assert recv_pdu(sock)[0] == 0x06
     sock.close()
     assert [r.sop_uid for r in server.rows()] == [ds.SOPInstanceUID]
     assert _staged_objects(server) == []

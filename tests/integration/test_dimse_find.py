@@ -22,8 +22,18 @@ from stockade.settings import load
 from tests.conftest import database
 from tests.dicomfactory import make_dataset, part10
 
-from .conftest import AE_TITLE, DCMTK_TIMEOUTS, HOST, StockadeServer, clean_env, require_dcmtk
+from .conftest import (
+    AE_TITLE,
+    DCMTK_TIMEOUTS,
+    HOST,
+    StockadeServer,
+    clean_env,
+    raw_associate,
+    recv_pdu,
+    require_dcmtk,
+)
 
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 DATES = ("20231231", "20240101", "20240115", "20240131", "20240201")
 
 
@@ -429,8 +439,6 @@ def test_cancel_before_the_first_match(
     from pynetdicom.dimse_primitives import C_CANCEL, C_FIND
     from pynetdicom.pdu import P_DATA_TF
 
-    from .test_dimse_abort import _recv_pdu
-
     server, patients = archive_server
     ds = pydicom.Dataset()
     ds.QueryRetrieveLevel = "STUDY"
@@ -450,7 +458,7 @@ def test_cancel_before_the_first_match(
     def find_message(message_id: int) -> bytes:
         primitive = C_FIND()
         primitive.MessageID = message_id
-        primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+        primitive.AffectedSOPClassUID = STUDY_ROOT_FIND
         primitive.Priority = 2
         primitive.Identifier = BytesIO(buf.getvalue())
         message = C_FIND_RQ()
@@ -465,7 +473,7 @@ def test_cancel_before_the_first_match(
     def responses(sock: object) -> list[int]:
         statuses = []
         while True:
-            pdu_type, body = _recv_pdu(sock)  # type: ignore[arg-type]
+            pdu_type, body = recv_pdu(sock)  # type: ignore[arg-type]
             assert pdu_type == 0x04
             if body[5] == 0x03:  # a whole command: a response
                 status = pydicom.dcmread(BytesIO(body[6:]), force=True).Status
@@ -473,7 +481,7 @@ def test_cancel_before_the_first_match(
                 if status not in (0xFF00, 0xFF01):
                     return statuses
 
-    sock = _find_association(server.port)
+    sock = raw_associate(server.port, STUDY_ROOT_FIND, "1.2.840.10008.1.2", "CANCELSCU")
     sock.sendall(find_message(1) + pdus(cancel_message))
     assert responses(sock) == [0xFE00]
     sock.sendall(find_message(2))
@@ -481,30 +489,3 @@ def test_cancel_before_the_first_match(
     assert statuses[-1] == 0xA700 and statuses[:-1] == [0xFF00] * 60
     sock.close()
     assert sum(len(p.studies) for p in patients) > 60
-
-
-def _find_association(port: int) -> object:
-    import socket
-
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-    from pynetdicom.presentation import build_context
-
-    from .test_dimse_abort import _recv_pdu
-
-    request = A_ASSOCIATE()
-    request.application_context_name = "1.2.840.10008.3.1.1.1"
-    request.calling_ae_title = "CANCELSCU"
-    request.called_ae_title = "STOCKADE"
-    context = build_context("1.2.840.10008.5.1.4.1.2.2.1", ["1.2.840.10008.1.2"])
-    context.context_id = 1
-    request.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    request.user_information = [max_length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(request)
-    sock = socket.create_connection((HOST, port), timeout=10)
-    sock.sendall(pdu.encode())
-    assert _recv_pdu(sock)[0] == 0x02
-    return sock
