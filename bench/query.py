@@ -1,11 +1,11 @@
 """C-FIND latency of Stockade on a large synthetic index (``python -m bench.query``).
 
-The index is filled straight through the index's own writer (``InstanceWriter.record_batch``,
+The index is filled straight through the index's own writer (``SqlIndex.record_many``,
 500 instances per transaction): C-FIND reads only the index, so no blobs are written. Then
-``stockade serve`` runs on it and one pynetdicom association, reused for every query, sends
-each study-level query ``--repeats`` times; the figure is the median wall time from sending
-the C-FIND-RQ to receiving its final response, with the number of matches checked against
-what the generator made.
+``stockade serve`` runs on it and a minimal C-FIND SCU (:class:`FindClient`) on one
+association, reused for every query, sends each study-level query ``--repeats`` times; the
+figure is the median wall time from sending the C-FIND-RQ to receiving its final response,
+with the number of matches checked against what the generator made.
 
 Queries (Study Root, STUDY level), as in docs/benchmarks.md:
 
@@ -43,7 +43,6 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 from bench.common import WORK, BenchError, Service, free_port, wait_for_echo
 from bench.targets import _fresh_schema
 from stockade.index.base import InstanceRecord
-from stockade.index.record import Ticket
 from stockade.index.sql import SqlIndex
 
 STUDIES_PER_PATIENT, SERIES_PER_STUDY, INSTANCES_PER_SERIES = 2, 2, 5
@@ -98,14 +97,14 @@ def fill(url: str, instances: int) -> float:
     index = SqlIndex(url)
     index.migrate()
     started = time.monotonic()
-    batch: list[Ticket] = []
+    batch: list[InstanceRecord] = []
     for record in records(instances // PER_PATIENT):
-        batch.append(Ticket(record, False))
+        batch.append(record)
         if len(batch) == 500:
-            index._instances.record_batch(batch)
+            index.record_many(batch)
             batch = []
     if batch:
-        index._instances.record_batch(batch)
+        index.record_many(batch)
     index.close()
     return time.monotonic() - started
 

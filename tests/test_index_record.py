@@ -138,3 +138,16 @@ def test_sqlite_writes_return_after_their_wal_is_synced(
         mode = conn.exec_driver_sql("PRAGMA synchronous").scalar()
     assert mode == 1  # NORMAL: SQLite does not sync inside its write lock; Stockade does
     index.close()
+
+
+def test_record_many_records_a_bulk_in_one_call(index: SqlIndex) -> None:
+    study, series = generate_uid(), generate_uid()
+    uids = [generate_uid() for _ in range(5)]
+    results = index.record_many(
+        [_record(uid, series, study, "P5", format(i, "x")) for i, uid in enumerate(uids)]
+    )
+    assert [r.outcome for r in results] == [Outcome.STORED] * 5
+    assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 5}
+    with pytest.raises(DuplicateConflict):
+        index.record_many([_record(uids[0], series, study, "P5", "f")])
+    index.close()

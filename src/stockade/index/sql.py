@@ -219,6 +219,15 @@ class SqlIndex:
         self._sync_wal()
         return ticket.outcome()
 
+    def record_many(self, records: list[InstanceRecord]) -> list[Recorded]:
+        """Record several instances in one transaction (a savepoint each), e.g. to load an
+        index in bulk; durable on return. Raises the first refusal, after the others."""
+        tickets = [Ticket(record, False) for record in records]
+        with self._thread_lock, self._process_lock:
+            self._instances.record_batch(tickets)
+        self._sync_wal()
+        return [ticket.outcome() for ticket in tickets]
+
     # -- the staging journal ---------------------------------------------------------------
 
     def published(self, token: str) -> None:
