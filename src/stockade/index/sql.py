@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
@@ -122,7 +120,6 @@ class SqlIndex:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self._insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         self._instances = InstanceWriter(self.engine)
         # Writers of this process take turns (thread lock); on SQLite the writers of all
         # processes do too (file lock). PostgreSQL takes concurrent writers.
