@@ -156,3 +156,13 @@ class IntegrityError(StockadeError):
     http_status = 500
     dimse_status = 0xA701
     code = "integrity"
+
+
+class CannotTranscode(StockadeError):
+    """A stored object cannot be converted to any transfer syntax the receiver accepts
+    (no codec for it, a lossy conversion would be needed, or its pixel data is over the
+    decode limit)."""
+
+    http_status = 406
+    dimse_status = 0xA702  # Refused: Out of Resources, unable to perform sub-operations
+    code = "cannot-transcode"
