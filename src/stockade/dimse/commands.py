@@ -48,9 +48,11 @@ class Command(IntEnum):
     C_STORE_RQ = 0x0001
     C_STORE_RSP = 0x8001
     C_GET_RQ = 0x0010
+    C_GET_RSP = 0x8010
     C_FIND_RQ = 0x0020
     C_FIND_RSP = 0x8020
     C_MOVE_RQ = 0x0021
+    C_MOVE_RSP = 0x8021
     C_ECHO_RQ = 0x0030
     C_ECHO_RSP = 0x8030
     C_CANCEL_RQ = 0x0FFF
