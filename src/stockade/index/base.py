@@ -68,6 +68,7 @@ class StoredInstance:
     blob_key: str
     sha256: str
     size: int
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ class Index(Protocol):
 
     def find(self, query: Query) -> Found:
         """The matches of a query (PS3.4 C.2.2.2), one page of them."""
+
+    def locate(self, query: Query) -> list[StoredInstance]:
+        """The stored instances below the entities *query* matches (at most
+        ``query.limit + 1``), in series and instance order: what a retrieve sends."""
 
     def queued_deletions(self) -> list[str]:
         """Blob keys whose deletion was decided but not yet done."""

@@ -18,6 +18,7 @@ from sqlalchemy.sql import FromClause
 from stockade.dicom.attributes import Level
 from stockade.dicom.matching import Condition, Kind, like_pattern, normalize_name
 from stockade.errors import InvalidQuery
+from stockade.index.base import StoredInstance
 from stockade.index.schema import instances, patients, series, studies
 from stockade.query import KEYS, Found, Query
 
@@ -145,6 +146,40 @@ def _condition(cond: Condition, query: Query) -> ColumnElement[bool]:
     return or_(*(_text(column, v) for v in cond.values))
 
 
+def _check(query: Query) -> None:
+    unknown = [c.keyword for c in query.conditions if c.keyword not in _COLUMNS]
+    if unknown:
+        raise InvalidQuery(f"cannot match on {', '.join(unknown)}")
+
+
+def locate(conn: Connection, query: Query) -> list[StoredInstance]:
+    """The instances below every entity *query* matches, at most ``query.limit + 1``
+    (so that the caller sees a cap was passed), by series, instance number and arrival.
+
+    The conditions are those of :func:`find`, evaluated on the instance level join, so a
+    retrieve locates exactly what a query at the same level with the same keys matches.
+    """
+    _check(query)
+    stmt = (
+        select(
+            instances.c.sop_uid,
+            instances.c.sop_class_uid,
+            studies.c.study_uid,
+            series.c.series_uid,
+            instances.c.transfer_syntax,
+            instances.c.blob_key,
+            instances.c.sha256,
+            instances.c.size,
+            patients.c.patient_id,
+        )
+        .select_from(_from(Level.IMAGE))
+        .where(*(_condition(c, query) for c in query.conditions))
+        .order_by(studies.c.id, series.c.id, instances.c.instance_number, instances.c.id)
+        .limit(query.limit + 1)
+    )
+    return [StoredInstance(*row) for row in conn.execute(stmt)]
+
+
 def find(conn: Connection, query: Query) -> Found:
     """Run *query*; at most ``query.limit`` rows after ``query.offset``, in storage order.
 
@@ -153,9 +188,7 @@ def find(conn: Connection, query: Query) -> Found:
     InvalidQuery
         A condition on a key this engine cannot match.
     """
-    unknown = [c.keyword for c in query.conditions if c.keyword not in _COLUMNS]
-    if unknown:
-        raise InvalidQuery(f"cannot match on {', '.join(unknown)}")
+    _check(query)
     names = [k for k in query.return_keys if k in _COLUMNS]
     stmt = (
         select(*(_COLUMNS[k].label(k) for k in names))

@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stockade.errors import ConfigError, IndexFailure
 from stockade.index.base import InstanceRecord, JournalEntry, Node, Recorded, StoredInstance
-from stockade.index.query import find
+from stockade.index.query import find, locate
 from stockade.index.record import InstanceWriter, Ticket
 from stockade.index.schema import (
     blob_deletions,
@@ -396,6 +396,23 @@ class SqlIndex:
             log.error("query failed: %s", exc.__class__.__name__, exc_info=exc)
             raise IndexFailure(
                 f"the index could not run the query ({exc.__class__.__name__})"
+            ) from None
+
+    def locate(self, query: Query) -> list[StoredInstance]:
+        """The instances a retrieve at *query*'s level sends (:func:`index.query.locate`).
+
+        Raises
+        ------
+        IndexFailure
+            The database failed.
+        """
+        try:
+            with self.engine.connect() as conn:
+                return locate(conn, query)
+        except SQLAlchemyError as exc:
+            log.error("locate failed: %s", exc.__class__.__name__, exc_info=exc)
+            raise IndexFailure(
+                f"the index could not locate the instances ({exc.__class__.__name__})"
             ) from None
 
     def counts(self) -> dict[str, int]:
