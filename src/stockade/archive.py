@@ -29,12 +29,15 @@ from stockade.errors import (
     ConfigError,
     IntegrityError,
     NotAuthorized,
+    NotFound,
     StockadeError,
     StorageFailure,
+    TooManyMatches,
 )
 from stockade.index.base import Index, Node, StoredInstance
 from stockade.ingest import Buffer, Ingest, Origin, Receiving, StoreResult
 from stockade.query import Found, build
+from stockade.retrieve import Retrieval, refused, retrieve_query
 from stockade.settings import Settings, is_loopback
 from stockade.storage.base import BlobStore, RecoveryReport
 
@@ -286,6 +289,71 @@ class Archive:
             )
         )
         return found
+
+    # -- retrieving -----------------------------------------------------------------------
+
+    def retrieve(
+        self,
+        level: Level,
+        values: Mapping[str, str | None],
+        *,
+        service: str,
+        peer: Peer | None = None,
+        destination: str | None = None,
+        via: str | None = None,
+    ) -> Retrieval:
+        """Locate what a retrieve sends (PS3.4 C.4.2.2.1): the one retrieve path of C-GET,
+        C-MOVE and ``stockade send``. *service* is ``get``, ``move`` or ``send``.
+
+        Raises
+        ------
+        NotAuthorized
+            The peer may not use *service*.
+        InvalidQuery
+            The identifier lacks the level's unique key, or holds a wildcard in one.
+        TooManyMatches
+            More than ``retrieve_max_instances`` instances.
+        """
+        actor = Actor(
+            ae_title=peer.ae_title if peer else None,
+            address=peer.address if peer else None,
+            via=via or ("dimse" if peer else "cli"),
+        )
+        keys = {k: str(v)[:256] for k, v in values.items() if v}
+        try:
+            if peer is not None:
+                peer.check(service)
+            cap = self.settings.retrieve_max_instances
+            located = self.index.locate(retrieve_query(level, values, limit=cap))
+            if len(located) > cap:
+                raise TooManyMatches(
+                    f"more than {cap} instances (retrieve_max_instances); retrieve series by series"
+                )
+        except StockadeError as exc:
+            refused(self, actor, service, destination, str(level), keys, exc)
+            raise
+        return Retrieval(self, located, actor, service, destination, str(level), keys)
+
+    def node_by_ae(self, ae_title: str) -> Node | None:
+        """The configured node with this AE title (a C-MOVE destination), if any."""
+        wanted = ae_title.strip()
+        for node in self.index.nodes():
+            if node.ae_title == wanted:
+                return node
+        return None
+
+    def node(self, name: str) -> Node:
+        """The configured node called *name*.
+
+        Raises
+        ------
+        NotFound
+            No node has that name.
+        """
+        for node in self.index.nodes():
+            if node.name == name:
+                return node
+        raise NotFound(f"no node named {name[:64]!r} (see: stockade node list)")
 
     # -- association admission -------------------------------------------------------------
 

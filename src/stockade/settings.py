@@ -176,6 +176,23 @@ DECLARED: tuple[Declared, ...] = (
         "`doe^j*` finds `DOE^JANE` (PS3.4 C.2.2.2.1 leaves this to the archive).",
     ),
     Declared(
+        "retrieve_max_instances",
+        int,
+        100_000,
+        "Most instances one retrieve (C-GET, C-MOVE, `stockade send`) sends; a larger one "
+        "is refused with status A700 and a comment asking to retrieve less at a time.",
+        _positive,
+    ),
+    Declared(
+        "max_decoded_size",
+        int,
+        1 * GiB,
+        "Largest decoded pixel data, in bytes (Rows x Columns x Samples per Pixel x Bits "
+        "Allocated x Number of Frames), that transcoding may decode; checked from the "
+        "header before any decoder runs.",
+        _positive,
+    ),
+    Declared(
         "http_host",
         str,
         "127.0.0.1",
@@ -209,6 +226,8 @@ class Settings:
     allow_replace: bool
     query_max_results: int
     query_case_sensitive_names: bool
+    retrieve_max_instances: int
+    max_decoded_size: int
     http_host: str
     http_port: int
     log_level: str

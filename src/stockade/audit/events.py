@@ -120,6 +120,26 @@ class IntegrityChecked(AuditEvent):
     problems: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class InstancesRetrieved(AuditEvent):
+    """Stored instances were sent: C-GET, C-MOVE, ``stockade send`` (ATNA: DICOM Instances
+    Transferred, PS3.15 A.5.3.3). One record per operation; outcome failure when any
+    sub-operation failed or the operation was cancelled."""
+
+    service: str  # get | move | send
+    destination: str | None  # AE title the instances went to
+    level: str
+    keys: dict[str, str]
+    study_uids: list[str]
+    patient_ids: list[str]
+    located: int
+    completed: int
+    warning: int
+    failed: int
+    cancelled: bool = False
+    reason: str | None = None
+
+
 EVENT_TYPES: tuple[type[AuditEvent], ...] = (
     InstanceStored,
     InstanceRejected,
@@ -129,4 +149,5 @@ EVENT_TYPES: tuple[type[AuditEvent], ...] = (
     ApplicationActivity,
     NodeChanged,
     IntegrityChecked,
+    InstancesRetrieved,
 )
