@@ -96,8 +96,11 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def query_of(identifier: Dataset, model: str) -> tuple[Level, dict[str, str | None], list[int]]:
-    """Level, text values per indexed keyword, and every requested tag of an identifier.
+def query_of(
+    identifier: Dataset, levels: tuple[Level, ...]
+) -> tuple[Level, dict[str, str | None], list[int]]:
+    """Level, text values per indexed keyword, and every requested tag of an identifier
+    (C-FIND, C-GET or C-MOVE) of an information model with *levels*.
 
     Raises
     ------
@@ -111,7 +114,7 @@ def query_of(identifier: Dataset, model: str) -> tuple[Level, dict[str, str | No
         raise InvalidQuery(
             f"Query/Retrieve Level {raw_level[:16]!r} is not PATIENT, STUDY, SERIES or IMAGE"
         ) from None
-    if level not in MODELS[model]:
+    if level not in levels:
         raise InvalidQuery(f"level {level} is not part of this information model")
     values: dict[str, str | None] = {}
     requested = []
@@ -225,7 +228,7 @@ class FindService:
         try:
             peer.check("find")
             identifier = decode_identifier(data, transfer_syntax)
-            level, values, requested = query_of(identifier, model)
+            level, values, requested = query_of(identifier, MODELS[model])
             found = self.archive.query(level, values, peer=peer)
         except StockadeError as exc:
             log.warning("C-FIND from %s refused: %s", peer.ae_title, exc.reason)

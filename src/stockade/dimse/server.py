@@ -11,6 +11,7 @@ import errno
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom.presentation import PresentationContext
@@ -19,6 +20,7 @@ from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFI
 from stockade.dimse.association import Association, Limits, Message, Receiver, _Closed
 from stockade.dimse.commands import Command, Tag, error_comment
 from stockade.dimse.find import MODELS, FindService
+from stockade.dimse.retrieve import GET_MODELS, MOVE_MODELS, RetrieveService
 from stockade.errors import StockadeError
 from stockade.ingest import Receiving
 
@@ -36,15 +38,28 @@ FIND_BATCH = 16
 
 
 def supported_contexts() -> list[PresentationContext]:
-    """Verification, the C-FIND models (uncompressed transfer syntaxes), and every storage
-    SOP class with every stored transfer syntax."""
-    syntaxes: list[Any] = [ts.uid for ts in TRANSFER_SYNTAXES]
-    uncompressed: list[Any] = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+    """Verification, the FIND, MOVE and GET models (uncompressed transfer syntaxes), and
+    every storage SOP class with every stored transfer syntax.
+
+    Where a requestor offers several transfer syntaxes in one context, the first of ours
+    it offers wins: Explicit VR Little Endian comes first. Storage contexts accept either
+    role when the requestor proposes SCP/SCU Role Selection (PS3.7 D.3.3.4), so a C-GET
+    requestor may act as their SCP and receive its instances.
+    """
+    explicit = "1.2.840.10008.1.2.1"
+    syntaxes: list[Any] = [explicit, *(ts.uid for ts in TRANSFER_SYNTAXES if ts.uid != explicit)]
+    uncompressed: list[Any] = [explicit, "1.2.840.10008.1.2"]
     out = []
-    for uid in (VERIFICATION_SOP_CLASS, *MODELS, *STORAGE_SOP_CLASSES):
+    models = (*MODELS, *MOVE_MODELS, *GET_MODELS)
+    for uid in (VERIFICATION_SOP_CLASS, *models, *STORAGE_SOP_CLASSES):
         cx = PresentationContext()
         cx.abstract_syntax = uid
-        cx.transfer_syntax = syntaxes if uid in STORAGE_SOP_CLASSES else uncompressed
+        if uid in STORAGE_SOP_CLASSES:
+            cx.transfer_syntax = syntaxes
+            cx.scu_role = True
+            cx.scp_role = True
+        else:
+            cx.transfer_syntax = uncompressed
         out.append(cx)
     return out
 
@@ -68,6 +83,7 @@ class DimseServer:
         self._threads: set[threading.Thread] = set()
         self._stopping = threading.Event()
         self.finder = FindService(archive)
+        self.retriever = RetrieveService(archive)
 
     def serve_forever(self) -> None:
         """Accept connections until :meth:`stop` is called."""
@@ -114,9 +130,10 @@ class DimseServer:
         try:
             peer = assoc.negotiate(self.archive.admit, full)
             log.info("association from %s (%s) accepted", assoc.calling_ae, address)
-            for message in assoc.messages(lambda *args: self._receive(peer, *args)):
+            inbox = assoc.messages(lambda *args: self._receive(peer, *args))
+            for message in inbox:
                 try:
-                    self._dispatch(assoc, peer, message)
+                    self._dispatch(assoc, peer, message, inbox)
                 finally:
                     if message.receiver is not None:
                         message.receiver.abort()  # a no-op if the archive kept the data set
@@ -131,7 +148,9 @@ class DimseServer:
                 self._active -= 1
                 self._threads.discard(threading.current_thread())
 
-    def _dispatch(self, assoc: Association, peer: Peer, message: Message) -> None:
+    def _dispatch(
+        self, assoc: Association, peer: Peer, message: Message, inbox: Iterator[Message]
+    ) -> None:
         field = message.command.get(Tag.COMMAND_FIELD)
         message_id = message.command.get(Tag.MESSAGE_ID, 0)
         if field == Command.C_ECHO_RQ:
@@ -148,6 +167,8 @@ class DimseServer:
             )
         elif field == Command.C_FIND_RQ:
             self._find(assoc, peer, message)
+        elif field in (Command.C_GET_RQ, Command.C_MOVE_RQ):
+            self._retrieve(assoc, peer, message, inbox)
         elif field == Command.C_CANCEL_RQ:
             pass  # for a request already answered: nothing to stop, no response (PS3.7 9.3.2.3)
         else:
@@ -263,6 +284,39 @@ class DimseServer:
             flush()
             self._respond(
                 assoc, message, Command.C_FIND_RSP, mid, PROCESSING_FAILURE, "internal error"
+            )
+
+    def _retrieve(
+        self, assoc: Association, peer: Peer, message: Message, inbox: Iterator[Message]
+    ) -> None:
+        """Answer a C-GET-RQ or C-MOVE-RQ (:mod:`stockade.dimse.retrieve`)."""
+        field = message.command.get(Tag.COMMAND_FIELD)
+        response = Command.C_GET_RSP if field == Command.C_GET_RQ else Command.C_MOVE_RSP
+        try:
+            if field == Command.C_GET_RQ:
+                self.retriever.get(assoc, peer, message, inbox)
+            else:
+                self.retriever.move(assoc, peer, message)
+        except _Closed:
+            raise
+        except StockadeError as exc:
+            self._respond(
+                assoc,
+                message,
+                response,
+                message.command.get(Tag.MESSAGE_ID, 0),
+                exc.dimse_status,
+                exc.reason,
+            )
+        except Exception:  # the adapter boundary: a bug must not kill the association
+            log.exception("retrieve from %s failed", peer.ae_title)
+            self._respond(
+                assoc,
+                message,
+                response,
+                message.command.get(Tag.MESSAGE_ID, 0),
+                PROCESSING_FAILURE,
+                "internal error",
             )
 
     def _response_elements(
