@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from stockade import __version__
 from stockade.app import build_archive, configure_logging
 from stockade.archive import Archive
+from stockade.dicom.attributes import Level
 from stockade.errors import ConfigError, StockadeError
 from stockade.ingest import Origin
 from stockade.settings import DECLARED, Settings, load, markdown
@@ -65,9 +66,47 @@ def _parser() -> argparse.ArgumentParser:
     node_sub.add_parser("list", help="list peers")
     rm = node_sub.add_parser("remove", help="remove a peer")
     rm.add_argument("name")
+    send = sub.add_parser("send", help="send stored instances to a node (C-STORE)")
+    send.add_argument("node", help="name of a configured node")
+    _retrieve_keys(send)
+    qry = sub.add_parser("query", help="query a node (C-FIND)")
+    qry.add_argument("node", help="name of a configured node")
+    qry.add_argument(
+        "--level", default="STUDY", choices=[lv.value for lv in Level], help="query level"
+    )
+    qry.add_argument("--model", default="study", choices=["study", "patient"])
+    qry.add_argument(
+        "-k",
+        "--key",
+        action="append",
+        default=[],
+        metavar="KEYWORD=VALUE",
+        help="a matching or return key (repeatable), e.g. -k PatientName='DOE*' -k StudyDate=",
+    )
+    qry.add_argument("--limit", type=int, default=1000, help="stop after this many matches")
+    qry.add_argument("--json", action="store_true", help="one JSON object per line")
+    ret = sub.add_parser(
+        "retrieve", help="retrieve from a node into this archive (C-GET or C-MOVE)"
+    )
+    ret.add_argument("node", help="name of a configured node")
+    _retrieve_keys(ret)
+    ret.add_argument(
+        "--method",
+        default="get",
+        choices=["get", "move"],
+        help="get: the node sends on our association (default); move: the node sends to "
+        "this archive's DIMSE listener, which must be running and admit the node",
+    )
+    ret.add_argument("--model", default="study", choices=["study", "patient"])
     st = sub.add_parser("settings", help="show the settings in force")
     st.add_argument("--markdown", action="store_true", help="print the settings reference")
     return parser
+
+
+def _retrieve_keys(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True, help="Study Instance UID")
+    parser.add_argument("--series", help="Series Instance UID (send or retrieve one series)")
+    parser.add_argument("--instance", help="SOP Instance UID (one instance; needs --series)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                 return _import(archive, settings, args.paths, quiet=args.quiet)
             if args.command == "verify":
                 return _verify(archive)
+            if args.command == "send":
+                return _send(archive, args)
+            if args.command == "query":
+                return _query(archive, args)
+            if args.command == "retrieve":
+                return _retrieve(archive, args)
             return _node(archive, args)
         finally:
             archive.close()
@@ -279,6 +324,121 @@ def _node(archive: Archive, args: argparse.Namespace) -> int:
             markup=False,
         )
     return 0
+
+
+# -- send, query, retrieve ---------------------------------------------------------------
+
+
+def _target(args: argparse.Namespace) -> tuple[Level, dict[str, str | None]]:
+    """The retrieve level and unique keys of --study / --series / --instance."""
+    if args.instance and not args.series:
+        raise ConfigError("--instance needs --series")
+    values: dict[str, str | None] = {"StudyInstanceUID": args.study}
+    level = Level.STUDY
+    if args.series:
+        values["SeriesInstanceUID"] = args.series
+        level = Level.SERIES
+    if args.instance:
+        values["SOPInstanceUID"] = args.instance
+        level = Level.IMAGE
+    return level, values
+
+
+def _send(archive: Archive, args: argparse.Namespace) -> int:
+    from stockade.dimse.requestor import AssociationFailed
+    from stockade.dimse.retrieve import send_to_node
+
+    node = archive.node(args.node)
+    level, values = _target(args)
+    retrieval = archive.retrieve(level, values, service="send", destination=node.ae_title)
+    if not retrieval.instances:
+        retrieval.finish()
+        err.print("stockade: nothing stored matches", markup=False)
+        return 1
+    progress = Progress(
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+    with progress:
+        task = progress.add_task("send", total=len(retrieval.instances))
+        try:
+            send_to_node(
+                archive,
+                retrieval,
+                node.host,
+                node.port,
+                node.ae_title,
+                pending=lambda r: progress.update(task, completed=len(r.instances) - r.remaining),
+            )
+        except AssociationFailed as exc:
+            retrieval.fail_rest(exc.reason)
+        finally:
+            retrieval.finish()
+    for reason in retrieval.reasons:
+        err.print(f"failed {reason}", markup=False)
+    out.print(
+        f"sent {retrieval.completed}, warning {retrieval.warning}, failed {len(retrieval.failed)}"
+        f" to {node.name} ({node.ae_title})",
+        markup=False,
+    )
+    return 1 if retrieval.failed else 0
+
+
+def _query(archive: Archive, args: argparse.Namespace) -> int:
+    import json
+
+    from stockade.dimse.scu import query
+
+    node = archive.node(args.node)
+    keys: dict[str, str] = {}
+    for item in args.key:
+        keyword, sep, value = item.partition("=")
+        if not sep or not keyword.strip():
+            raise ConfigError(f"-k takes KEYWORD=VALUE, not {item[:64]!r}")
+        keys[keyword.strip()] = value
+    rows, status, cut = query(
+        archive, node, Level(args.level), keys, model=args.model, limit=max(1, args.limit)
+    )
+    if args.json:
+        for row in rows:
+            out.print(json.dumps(row, ensure_ascii=False), markup=False)
+    elif rows:
+        names = list(rows[0])
+        out.print("\t".join(names), markup=False)
+        for row in rows:
+            out.print("\t".join(row[n] for n in names), markup=False)
+    note = f" (stopped at --limit {args.limit})" if cut else ""
+    err.print(f"{len(rows)} match(es), final status {status:#06x}{note}", markup=False)
+    return 0 if status in (0x0000, 0xFE00) else 1
+
+
+def _retrieve(archive: Archive, args: argparse.Namespace) -> int:
+    from stockade.archive import Peer
+    from stockade.dimse.scu import retrieve_get, retrieve_move
+
+    node = archive.node(args.node)
+    level, values = _target(args)
+    keys = {k: str(v) for k, v in values.items() if v}
+    if args.method == "move":
+        report = retrieve_move(archive, node, level, keys, model=args.model)
+    else:
+        peer = Peer(node.ae_title, node.host, node.name, frozenset({"store"}))
+        report = retrieve_get(archive, node, peer, level, keys, model=args.model)
+    for reason in report.rejected[:20]:
+        err.print(f"rejected: {reason}", markup=False)
+    if report.comment:
+        err.print(f"{node.name}: {report.comment}", markup=False)
+    out.print(
+        f"retrieved {report.completed}, warning {report.warning}, failed {report.failed} "
+        f"from {node.name} (final status {report.status:#06x})",
+        markup=False,
+    )
+    ok = report.status == 0x0000 and not report.rejected
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
