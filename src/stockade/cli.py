@@ -153,6 +153,18 @@ def main(argv: list[str] | None = None) -> int:
 # -- import ------------------------------------------------------------------------------
 
 
+def _progress(label: str, *, quiet: bool = False) -> Progress:
+    """A progress bar on standard error, shown only on a terminal."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+    )
+
+
 def _walk(paths: list[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir() and not path.is_symlink():
@@ -242,14 +254,7 @@ def _import(archive: Archive, settings: Settings, paths: list[Path], *, quiet: b
     rejected: list[tuple[str, str]] = []
     logging.getLogger("stockade.ingest").setLevel(logging.ERROR)
     origin = Origin(via="import", user=os.environ.get("USER"))
-    progress = Progress(
-        TextColumn("importing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal,
-    )
+    progress = _progress("importing", quiet=quiet)
     with progress:
         task = progress.add_task("import", total=total)
         last = ""
@@ -281,14 +286,7 @@ def _import(archive: Archive, settings: Settings, paths: list[Path], *, quiet: b
 
 def _verify(archive: Archive) -> int:
     total = archive.counts()["instances"]
-    progress = Progress(
-        TextColumn("verifying"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=not err.is_terminal,
-    )
+    progress = _progress("verifying")
     with progress:
         task = progress.add_task("verify", total=total)
         report = archive.verify(lambda n: progress.advance(task, n))
@@ -355,14 +353,7 @@ def _send(archive: Archive, args: argparse.Namespace) -> int:
         retrieval.finish()
         err.print("stockade: nothing stored matches", markup=False)
         return 1
-    progress = Progress(
-        TextColumn("sending"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=not err.is_terminal,
-    )
+    progress = _progress("sending")
     with progress:
         task = progress.add_task("send", total=len(retrieval.instances))
         try:

@@ -369,6 +369,24 @@ class StockadeServer:
     def verify(self) -> subprocess.CompletedProcess[str]:
         return self.cli("verify")
 
+    def add_nodes(self, *nodes: tuple[str, str, int, str]) -> None:
+        """``stockade node add`` each (name, AE title, port, allowed services) on loopback."""
+        for name, ae, port, allow in nodes:
+            done = self.cli(
+                "node",
+                "add",
+                name,
+                "--ae",
+                ae,
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--allow",
+                allow,
+            )
+            assert done.returncode == 0, done.stderr
+
     # what the archive holds
 
     def query(self, sql: str) -> list[Any]:
@@ -614,6 +632,18 @@ def recv_pdu(sock: socket.socket) -> tuple[int, bytes]:
         assert chunk, "server closed the connection"
         body += chunk
     return pdu_type, body
+
+
+def message_pdus(message: Any) -> bytes:
+    """A pynetdicom DIMSE message (with its primitive set) as P-DATA-TF PDUs, context 1."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    out = b""
+    for item in message.encode_msg(1, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(item)
+        out += pdu.encode()
+    return out
 
 
 def raw_associate(

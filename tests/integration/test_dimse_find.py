@@ -28,6 +28,7 @@ from .conftest import (
     HOST,
     StockadeServer,
     clean_env,
+    message_pdus,
     raw_associate,
     recv_pdu,
     require_dcmtk,
@@ -437,7 +438,6 @@ def test_cancel_before_the_first_match(
     from pydicom.filewriter import write_dataset
     from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ
     from pynetdicom.dimse_primitives import C_CANCEL, C_FIND
-    from pynetdicom.pdu import P_DATA_TF
 
     server, patients = archive_server
     ds = pydicom.Dataset()
@@ -447,14 +447,6 @@ def test_cancel_before_the_first_match(
     buf.is_little_endian, buf.is_implicit_VR = True, True
     write_dataset(buf, ds)
 
-    def pdus(message: object) -> bytes:
-        out = b""
-        for item in message.encode_msg(1, 16384):  # type: ignore[attr-defined]
-            pdu = P_DATA_TF()
-            pdu.from_primitive(item)
-            out += pdu.encode()
-        return out
-
     def find_message(message_id: int) -> bytes:
         primitive = C_FIND()
         primitive.MessageID = message_id
@@ -463,7 +455,7 @@ def test_cancel_before_the_first_match(
         primitive.Identifier = BytesIO(buf.getvalue())
         message = C_FIND_RQ()
         message.primitive_to_message(primitive)
-        return pdus(message)
+        return message_pdus(message)
 
     cancel = C_CANCEL()
     cancel.MessageIDBeingRespondedTo = 1
@@ -482,7 +474,7 @@ def test_cancel_before_the_first_match(
                     return statuses
 
     sock = raw_associate(server.port, STUDY_ROOT_FIND, "1.2.840.10008.1.2", "CANCELSCU")
-    sock.sendall(find_message(1) + pdus(cancel_message))
+    sock.sendall(find_message(1) + message_pdus(cancel_message))
     assert responses(sock) == [0xFE00]
     sock.sendall(find_message(2))
     statuses = responses(sock)

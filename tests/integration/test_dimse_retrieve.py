@@ -36,6 +36,7 @@ from .conftest import (
     StockadeServer,
     clean_env,
     free_port,
+    message_pdus,
     raw_associate,
     recv_pdu,
     require_dcmtk,
@@ -120,21 +121,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             ("echoscu", "ECHOSCU", 104, "echo"),
             *((ae.lower(), ae, port, "echo") for ae, port in ports.items()),
         ]
-        for name, ae, port, allow in nodes:
-            done = server.cli(
-                "node",
-                "add",
-                name,
-                "--ae",
-                ae,
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-                "--allow",
-                allow,
-            )
-            assert done.returncode == 0, done.stderr
+        server.add_nodes(*nodes)
         server.start()
         try:
             yield Rig(server, held, ports, root)
@@ -440,7 +427,6 @@ def test_cancel_before_the_first_suboperation(rig: Rig, tmp_path: Path) -> None:
     from pydicom.filewriter import write_dataset
     from pynetdicom.dimse_messages import C_CANCEL_RQ, C_MOVE_RQ
     from pynetdicom.dimse_primitives import C_CANCEL, C_MOVE
-    from pynetdicom.pdu import P_DATA_TF
 
     ds = pydicom.Dataset()
     ds.QueryRetrieveLevel = "STUDY"
@@ -448,14 +434,6 @@ def test_cancel_before_the_first_suboperation(rig: Rig, tmp_path: Path) -> None:
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, True
     write_dataset(buf, ds)
-
-    def pdus(message: object) -> bytes:
-        out = b""
-        for item in message.encode_msg(1, 16384):  # type: ignore[attr-defined]
-            pdu = P_DATA_TF()
-            pdu.from_primitive(item)
-            out += pdu.encode()
-        return out
 
     move = C_MOVE()
     move.MessageID = 7
@@ -472,7 +450,7 @@ def test_cancel_before_the_first_suboperation(rig: Rig, tmp_path: Path) -> None:
 
     with storescp(rig, "DESTEXPL", tmp_path / "out"):
         sock = raw_associate(rig.server.port, STUDY_ROOT_MOVE, IMPLICIT, "MOVESCU")
-        sock.sendall(pdus(move_message) + pdus(cancel_message))
+        sock.sendall(message_pdus(move_message) + message_pdus(cancel_message))
         pdu_type, body = recv_pdu(sock)
         assert pdu_type == 0x04 and body[5] == 0x03
         response = pydicom.dcmread(BytesIO(body[6:]), force=True)

@@ -115,25 +115,11 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
             assert proc.poll() is None, (tmp_path / "orthanc.log").read_text()
             assert time.monotonic() < deadline, "Orthanc did not start"
             time.sleep(0.1)  # readiness polling only
-        for name, ae, port, allow in (
+        stockade.add_nodes(
             ("orthanc", "ORTHANC", dicom_port, "echo,find,get,move,store"),
             ("echoscu", "ECHOSCU", 104, "echo"),
             ("storescu", "STORESCU", 104, "store"),
-        ):
-            done = stockade.cli(
-                "node",
-                "add",
-                name,
-                "--ae",
-                ae,
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-                "--allow",
-                allow,
-            )
-            assert done.returncode == 0, done.stderr
+        )
         stockade.start()
         yield Pair(stockade, orthanc)
     finally:

@@ -48,6 +48,18 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
 
 
+def user_information(max_pdu: int) -> list[Any]:
+    """Our User Information items (PS3.7 D.3.3): Maximum Length, Implementation Class UID
+    and Implementation Version Name."""
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    impl_uid = ImplementationClassUIDNotification()
+    impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    impl_name = ImplementationVersionNameNotification()
+    impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return [max_length, impl_uid, impl_name]
+
+
 class _Closed(Exception):
     """The peer closed, aborted, or broke the protocol: end the association."""
 
@@ -453,13 +465,7 @@ class Association(Link):
         reply.result = 0x00
         reply.result_source = 0x01
         reply.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.limits.max_pdu
-        impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        impl_name = ImplementationVersionNameNotification()
-        impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        reply.user_information = [max_length, impl_uid, impl_name, *role_items]
+        reply.user_information = [*user_information(self.limits.max_pdu), *role_items]
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(reply)
         self._send(ac.encode())

@@ -22,14 +22,11 @@ from typing import Any
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 
-from stockade.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from stockade.dimse.association import (
     APPLICATION_CONTEXT,
     ASSOCIATE_AC,
@@ -41,6 +38,7 @@ from stockade.dimse.association import (
     Message,
     OnDataset,
     _Closed,
+    user_information,
 )
 from stockade.dimse.commands import Command, Tag
 from stockade.errors import StockadeError
@@ -342,13 +340,7 @@ def connect(
             roles.append(role)
             role_classes.add(proposal.abstract_syntax)
     request.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = max_pdu
-    impl_uid = ImplementationClassUIDNotification()
-    impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    impl_name = ImplementationVersionNameNotification()
-    impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    request.user_information = [max_length, impl_uid, impl_name, *roles]
+    request.user_information = [*user_information(max_pdu), *roles]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(request)
     try:

@@ -81,6 +81,20 @@ _ROOT = {
 }
 
 
+#: The columns of a :class:`StoredInstance`, in its field order (instance level join).
+STORED_COLUMNS: tuple[ColumnElement[Any], ...] = (
+    instances.c.sop_uid,
+    instances.c.sop_class_uid,
+    studies.c.study_uid,
+    series.c.series_uid,
+    instances.c.transfer_syntax,
+    instances.c.blob_key,
+    instances.c.sha256,
+    instances.c.size,
+    patients.c.patient_id,
+)
+
+
 def _from(level: Level) -> FromClause:
     source: FromClause = patients
     if level in (Level.STUDY, Level.SERIES, Level.IMAGE):
@@ -161,17 +175,7 @@ def locate(conn: Connection, query: Query) -> list[StoredInstance]:
     """
     _check(query)
     stmt = (
-        select(
-            instances.c.sop_uid,
-            instances.c.sop_class_uid,
-            studies.c.study_uid,
-            series.c.series_uid,
-            instances.c.transfer_syntax,
-            instances.c.blob_key,
-            instances.c.sha256,
-            instances.c.size,
-            patients.c.patient_id,
-        )
+        select(*STORED_COLUMNS)
         .select_from(_from(Level.IMAGE))
         .where(*(_condition(c, query) for c in query.conditions))
         .order_by(studies.c.id, series.c.id, instances.c.instance_number, instances.c.id)

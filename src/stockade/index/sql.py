@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stockade.errors import ConfigError, IndexFailure
 from stockade.index.base import InstanceRecord, JournalEntry, Node, Recorded, StoredInstance
-from stockade.index.query import find, locate
+from stockade.index.query import STORED_COLUMNS, find, locate
 from stockade.index.record import InstanceWriter, Ticket
 from stockade.index.schema import (
     blob_deletions,
@@ -332,18 +332,10 @@ class SqlIndex:
     # -- reading ---------------------------------------------------------------------------
 
     _stored = (
-        select(
-            instances.c.sop_uid,
-            instances.c.sop_class_uid,
-            studies.c.study_uid,
-            series.c.series_uid,
-            instances.c.transfer_syntax,
-            instances.c.blob_key,
-            instances.c.sha256,
-            instances.c.size,
-        )
+        select(*STORED_COLUMNS)
         .join(series, series.c.id == instances.c.series_pk)
         .join(studies, studies.c.id == series.c.study_pk)
+        .join(patients, patients.c.id == studies.c.patient_pk)
     )
 
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
@@ -376,7 +368,7 @@ class SqlIndex:
             if not rows:
                 return
             for row in rows:
-                yield StoredInstance(*row[:8])
+                yield StoredInstance(*row[: len(STORED_COLUMNS)])
             last = rows[-1][-1]
 
     def find(self, query: Query) -> Found:
