@@ -7,6 +7,11 @@ association, reused for every query, sends each study-level query ``--repeats`` 
 figure is the median wall time from sending the C-FIND-RQ to receiving its final response,
 with the number of matches checked against what the generator made.
 
+With ``--orthanc`` the same synthetic archive (same patients, names, dates and hierarchy;
+fresh UIDs) is written as small Part 10 files without pixel data, stored into Debian's
+Orthanc with DCMTK ``storescu``, and the same queries are timed against it with the same
+client.
+
 Queries (Study Root, STUDY level), as in docs/benchmarks.md:
 
 - ``PatientID``: one patient's ID, exact;
@@ -18,21 +23,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from io import BytesIO
+from pathlib import Path
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.dimse_messages import C_FIND_RQ
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
@@ -40,7 +48,15 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore
 
-from bench.common import WORK, BenchError, Service, free_port, wait_for_echo
+from bench.common import (
+    WORK,
+    BenchError,
+    Service,
+    dcmtk_env,
+    free_port,
+    require_tool,
+    wait_for_echo,
+)
 from bench.targets import _fresh_schema
 from stockade.index.base import InstanceRecord
 from stockade.index.sql import SqlIndex
@@ -135,11 +151,11 @@ class FindClient:
     the responses are only counted, so the figure is the archive's, not a client library's.
     PDUs are encoded with pynetdicom's encoders (PS3.8 9.3)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, called_ae: str = "STOCKADE") -> None:
         request = A_ASSOCIATE()
         request.application_context_name = "1.2.840.10008.3.1.1.1"
         request.calling_ae_title = "BENCHSCU"
-        request.called_ae_title = "STOCKADE"
+        request.called_ae_title = called_ae
         context = build_context(
             StudyRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian]
         )
@@ -240,9 +256,11 @@ def identifier(keys: dict[str, str]) -> bytes:
     return bytes(buf.getvalue())
 
 
-def measure(port: int, keys: dict[str, str], repeats: int) -> tuple[float, int]:
+def measure(
+    port: int, keys: dict[str, str], repeats: int, called_ae: str = "STOCKADE"
+) -> tuple[float, int]:
     """Median milliseconds per C-FIND over one reused association, and the matches."""
-    client = FindClient(port)
+    client = FindClient(port, called_ae)
     times, matches = [], 0
     try:
         encoded = identifier(keys)
@@ -255,11 +273,88 @@ def measure(port: int, keys: dict[str, str], repeats: int) -> tuple[float, int]:
     return statistics.median(times[2:]), matches
 
 
+def write_files(folder: Path, instances: int) -> int:
+    """The synthetic archive as Part 10 files without pixel data (for Orthanc)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    count = 0
+    for record in records(instances // PER_PATIENT):
+        ds = Dataset()
+        for keyword, value in record.attributes.items():
+            setattr(ds, keyword, value)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        ds.save_as(folder / f"{count:07d}.dcm", enforce_file_format=True)
+        count += 1
+    return count
+
+
+def run_orthanc(folder: Path, instances: int, repeats: int) -> bool:
+    """Store the synthetic archive into Orthanc and time the same queries against it."""
+    from bench.targets import ORTHANC, Orthanc
+
+    if not Orthanc.available():
+        raise BenchError(f"{ORTHANC} is not installed (apt-get install orthanc)")
+    patients = instances // PER_PATIENT
+    source = folder / "files"
+    started = time.monotonic()
+    written = write_files(source, instances)
+    print(f"wrote {written} files for Orthanc in {time.monotonic() - started:.1f} s")
+    data = folder / "orthanc"
+    data.mkdir()
+    dicom_port, http_port = free_port(), free_port()
+    config = Orthanc.config(data, dicom_port, http_port)
+    config["DicomAlwaysAllowFind"] = True
+    config_path = folder / "orthanc.json"
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    with Service(
+        "orthanc", [ORTHANC, str(config_path)], dcmtk_env(), folder / "orthanc.log"
+    ) as svc:
+        wait_for_echo(svc, "ORTHANC", dicom_port, 60)
+        started = time.monotonic()
+        done = subprocess.run(
+            [
+                require_tool("storescu"),
+                "-aec",
+                "ORTHANC",
+                "+sd",
+                "+r",
+                "-nh",
+                "127.0.0.1",
+                str(dicom_port),
+                str(source),
+            ],
+            env=dcmtk_env(),
+            capture_output=True,
+            timeout=3600,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"storescu into Orthanc failed: {done.stderr[-500:]!r}")
+        print(f"stored {written} instances into Orthanc in {time.monotonic() - started:.1f} s")
+        print("| query (Orthanc) | matches | median ms |")
+        print("|---|---:|---:|")
+        ok = True
+        for name, keys, expected in queries(patients):
+            median, matches = measure(dicom_port, keys, repeats, "ORTHANC")
+            flag = "" if matches == expected else f" (expected {expected})"
+            ok = ok and matches == expected
+            print(f"| {name} | {matches}{flag} | {median:.1f} |")
+    shutil.rmtree(source, ignore_errors=True)
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.query", description=__doc__)
     parser.add_argument("--instances", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--database-url", default=None, help="PostgreSQL (a fresh schema)")
+    parser.add_argument(
+        "--orthanc", action="store_true", help="also time the same queries against Orthanc"
+    )
     args = parser.parse_args(argv)
     patients = args.instances // PER_PATIENT
     folder = WORK / "query" / ("postgresql" if args.database_url else "sqlite")
@@ -297,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             flag = "" if matches == expected else f" (expected {expected})"
             ok = ok and matches == expected
             print(f"| {name} | {matches}{flag} | {median:.1f} |")
+    if args.orthanc:
+        ok = run_orthanc(folder, args.instances, args.repeats) and ok
     return 0 if ok else 1
 
 
