@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from stockade.dicom import transcode
@@ -57,6 +60,12 @@ GET_MODELS: dict[str, tuple[Level, ...]] = {
 PENDING, CANCELLED, SUCCESS, WARNING = 0xFF00, 0xFE00, 0x0000, 0xB000
 UNABLE = 0xA702  # Refused: Out of Resources - Unable to perform sub-operations
 FAILED_SOP_INSTANCE_UID_LIST = 0x00080058
+#: Seconds between Pending responses after the first (each costs a write and a wake-up of
+#: the requestor; a viewer's progress bar needs no more).
+PENDING_INTERVAL = 0.1
+#: Largest object read ahead while the previous one is being sent (larger ones are read
+#: when their turn comes, so that at most one large object is in memory per retrieve).
+PREFETCH_MAX = 64 * 1024 * 1024
 #: An explicit VR UI value has a 16-bit length: the failed list is clipped to fit.
 _MAX_UID_LIST = 0xFFFE
 
@@ -96,6 +105,31 @@ class StoreTarget(Protocol):
         """Send one C-STORE-RQ and return the response status."""
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One instance made ready to send: its data set and context, or why it cannot go."""
+
+    context_id: int = 0
+    data: bytes | memoryview = b""
+    failure: str | None = None
+
+
+def _prepare(retrieval: Retrieval, inst: StoredInstance, by_ts: dict[str, int]) -> _Prepared:
+    """Read, verify and (if needed) transcode one instance for the accepted contexts."""
+    candidates = [t for t in transcode.producible(inst.transfer_syntax) if t in by_ts]
+    if not candidates:
+        offered = ", ".join(sorted(by_ts)) or "none"
+        return _Prepared(
+            failure=f"no accepted context for {inst.sop_class_uid} in a transfer syntax "
+            f"producible from {inst.transfer_syntax} (accepted: {offered})"
+        )
+    try:
+        chosen, data = retrieval.dataset(inst, candidates)
+    except (IntegrityError, CannotTranscode) as exc:
+        return _Prepared(failure=exc.reason)
+    return _Prepared(by_ts[chosen], data)
+
+
 def run_suboperations(
     retrieval: Retrieval,
     target: StoreTarget,
@@ -107,31 +141,51 @@ def run_suboperations(
     An instance is sent in its stored transfer syntax when an accepted context has it,
     else in the first accepted one :func:`transcode.producible` lists that its codecs
     manage; an instance with none, a hash that no longer matches, or no successful
-    transcode counts as failed and is not sent.
+    transcode counts as failed and is not sent. The next instance is read, verified and
+    transcoded in a helper thread while the receiver handles the current one (file reads,
+    SHA-256 and the codecs release the GIL), unless it is larger than
+    :data:`PREFETCH_MAX`. A Pending response follows the first sub-operation and then at
+    most every :data:`PENDING_INTERVAL` seconds (PS3.4 C.4.2.3.1 makes them optional).
     """
-    for inst in retrieval.instances:
-        if cancelled():
-            return True
-        contexts = target.contexts(inst.sop_class_uid)
-        by_ts = {ts: cid for cid, ts in reversed(contexts)}
-        candidates = [t for t in transcode.producible(inst.transfer_syntax) if t in by_ts]
-        try:
-            chosen, data = retrieval.dataset(inst, candidates)
-        except (IntegrityError, CannotTranscode) as exc:
-            offered = ", ".join(sorted(by_ts)) or "none"
-            reason = exc.reason
-            if not candidates:
-                reason = (
-                    f"no accepted context for {inst.sop_class_uid} in a transfer syntax "
-                    f"producible from {inst.transfer_syntax} (accepted: {offered})"
-                )
-            retrieval.done(inst, "failed", reason)
-        else:
-            status = target.store(by_ts[chosen], inst, data)
-            kind = status_kind(status)
-            retrieval.done(inst, kind, None if kind != "failed" else f"status {status:#06x}")
-        if pending is not None and retrieval.remaining:
-            pending(retrieval)
+    instances = retrieval.instances
+    if not instances:
+        return False
+    accepted: dict[str, dict[str, int]] = {}
+
+    def contexts(inst: StoredInstance) -> dict[str, int]:
+        if inst.sop_class_uid not in accepted:
+            found = target.contexts(inst.sop_class_uid)
+            accepted[inst.sop_class_uid] = {ts: cid for cid, ts in reversed(found)}
+        return accepted[inst.sop_class_uid]
+
+    last_pending = -PENDING_INTERVAL
+    with ThreadPoolExecutor(1, thread_name_prefix="retrieve-read") as pool:
+        ahead: Future[_Prepared] | None = None
+        for number, inst in enumerate(instances):
+            if cancelled():
+                if ahead is not None:
+                    ahead.cancel()
+                return True
+            ready = _prepare(retrieval, inst, contexts(inst)) if ahead is None else ahead.result()
+            ahead = None
+            if number + 1 < len(instances) and instances[number + 1].size <= PREFETCH_MAX:
+                following = instances[number + 1]
+                ahead = pool.submit(_prepare, retrieval, following, contexts(following))
+            if ready.failure is not None:
+                retrieval.done(inst, "failed", ready.failure)
+            else:
+                status = target.store(ready.context_id, inst, ready.data)
+                kind = status_kind(status)
+                retrieval.done(inst, kind, None if kind != "failed" else f"status {status:#06x}")
+            del ready
+            now = time.monotonic()
+            if (
+                pending is not None
+                and retrieval.remaining
+                and (now - last_pending >= PENDING_INTERVAL)
+            ):
+                pending(retrieval)
+                last_pending = now
     return False
 
 
@@ -150,7 +204,7 @@ class _SameAssociation:
             (cid, str(cx.transfer_syntax[0]))
             for cid, cx in self.assoc.accepted.items()
             if str(cx.abstract_syntax) == sop_class_uid and cx.as_scu
-        ]
+        ]  # called once per SOP class and retrieve
 
     def store(self, context_id: int, inst: StoredInstance, data: bytes | memoryview) -> int:
         self._next_id = self._next_id % 0xFFFF + 1
