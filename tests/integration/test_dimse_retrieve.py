@@ -418,6 +418,23 @@ def test_unknown_move_destination_is_refused_with_a801(rig: Rig) -> None:
     assert "not a configured node" in output
 
 
+def test_move_to_a_destination_that_is_down_fails_with_a702(rig: Rig) -> None:
+    """DESTIMPL is a configured node, but nothing listens on its port right now."""
+    output = movescu(
+        rig, "DESTIMPL", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={rig.held.ct_study}"
+    )
+    assert final_status(output) == 0xA702
+    assert "cannot connect" in output
+    event = retrieved_events(rig)[-1]
+    assert (event["service"], event["failed"], event["completed"]) == ("move", 6, 0)
+    assert echoscu_ok(rig)
+
+
+def echoscu_ok(rig: Rig) -> bool:
+    """The archive still answers C-ECHO."""
+    return run(["echoscu", "-aec", AE_TITLE, HOST, str(rig.server.port)]).returncode == 0
+
+
 def test_cancel_before_the_first_suboperation(rig: Rig, tmp_path: Path) -> None:
     """A C-CANCEL-RQ that arrives with the C-MOVE-RQ stops it before any instance is sent:
     final status FE00H with every sub-operation still remaining."""
