@@ -373,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "STOCKADE_DATA_DIR": str(folder / "data"),
             "STOCKADE_DATABASE_URL": url,
             "STOCKADE_DICOM_PORT": str(port),
+            "STOCKADE_HTTP_PORT": str(free_port()),
             "STOCKADE_LOG_LEVEL": "WARNING",
         }
         service = stack.enter_context(

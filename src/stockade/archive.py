@@ -75,6 +75,13 @@ class VerifyReport:
         return not self.problems
 
 
+def _actor_of(peer: Peer | None, via: str) -> Actor:
+    """The audit actor of a DIMSE peer, or of *via* (this process, the CLI) without one."""
+    if peer is None:
+        return Actor(via=via)
+    return Actor(ae_title=peer.ae_title, address=peer.address, via="dimse")
+
+
 def _addresses(host: str) -> set[str]:
     try:
         return {str(ipaddress.ip_address(host))}
@@ -232,14 +239,16 @@ class Archive:
         values: Mapping[str, str | None],
         *,
         peer: Peer | None = None,
+        actor: Actor | None = None,
         return_keys: Iterable[str] = (),
         limit: int | None = None,
         offset: int = 0,
     ) -> Found:
         """Find entities at *level* whose attributes match *values* (PS3.4 C.2.2.2).
 
-        The one query path of C-FIND and (later) QIDO-RS; at most ``query_max_results``
-        matches, fewer if *limit* says so.
+        The one query path of C-FIND and QIDO-RS; at most ``query_max_results``
+        matches, fewer if *limit* says so. *actor* names the caller for the audit record
+        when it is not a DIMSE *peer* (a web client).
 
         Raises
         ------
@@ -248,11 +257,7 @@ class Archive:
         NotAuthorized
             The peer may not query.
         """
-        actor = Actor(
-            ae_title=peer.ae_title if peer else None,
-            address=peer.address if peer else None,
-            via="dimse" if peer else "internal",
-        )
+        actor = actor or _actor_of(peer, "internal")
         keys = {k: str(v)[:256] for k, v in values.items() if v}
         try:
             if peer is not None:
@@ -300,10 +305,11 @@ class Archive:
         service: str,
         peer: Peer | None = None,
         destination: str | None = None,
-        via: str | None = None,
+        actor: Actor | None = None,
     ) -> Retrieval:
         """Locate what a retrieve sends (PS3.4 C.4.2.2.1): the one retrieve path of C-GET,
-        C-MOVE and ``stockade send``. *service* is ``get``, ``move`` or ``send``.
+        C-MOVE, ``stockade send`` and WADO. *service* is ``get``, ``move``, ``send`` or
+        ``wado``; *actor* names a caller that is not a DIMSE *peer*.
 
         Raises
         ------
@@ -314,11 +320,7 @@ class Archive:
         TooManyMatches
             More than ``retrieve_max_instances`` instances.
         """
-        actor = Actor(
-            ae_title=peer.ae_title if peer else None,
-            address=peer.address if peer else None,
-            via=via or ("dimse" if peer else "cli"),
-        )
+        actor = actor or _actor_of(peer, "cli")
         keys = {k: str(v)[:256] for k, v in values.items() if v}
         try:
             if peer is not None:

@@ -193,10 +193,17 @@ DECLARED: tuple[Declared, ...] = (
         _positive,
     ),
     Declared(
+        "http_enabled",
+        bool,
+        True,
+        "Run the HTTP listener (DICOMweb under `/dicomweb`) beside the DIMSE one.",
+    ),
+    Declared(
         "http_host",
         str,
         "127.0.0.1",
-        "Address the HTTP (DICOMweb and UI) listener binds to.",
+        "Address the HTTP (DICOMweb and UI) listener binds to. Loopback only until user "
+        "authentication exists: another address refuses to start.",
         _host,
     ),
     Declared("http_port", int, 8080, "TCP port of the HTTP listener.", _port),
@@ -228,6 +235,7 @@ class Settings:
     query_case_sensitive_names: bool
     retrieve_max_instances: int
     max_decoded_size: int
+    http_enabled: bool
     http_host: str
     http_port: int
     log_level: str

@@ -209,9 +209,15 @@ class StockadeServer:
     db_url: str | None = None
     workers: int = 1
     port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     settings: dict[str, str] = field(default_factory=dict)  # extra STOCKADE_* variables
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb base URL."""
+        return f"http://{HOST}:{self.http_port}/dicomweb"
 
     @property
     def data_dir(self) -> Path:
@@ -230,6 +236,7 @@ class StockadeServer:
         extra = {
             "STOCKADE_DATA_DIR": str(self.data_dir),
             "STOCKADE_DICOM_PORT": str(self.port),
+            "STOCKADE_HTTP_PORT": str(self.http_port),
             "STOCKADE_DICOM_WORKERS": str(self.workers),
             "STOCKADE_LOG_LEVEL": log_level,
         }

@@ -23,7 +23,7 @@ from types import FrameType
 from stockade.app import build_archive, configure_logging
 from stockade.dimse.server import DimseServer
 from stockade.errors import ConfigError
-from stockade.settings import Settings, load
+from stockade.settings import Settings, is_loopback, load
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,23 @@ def serve_in_process(settings: Settings, listener: socket.socket) -> None:
 
 
 def serve(settings: Settings, config_file: Path | None) -> int:
-    """Prepare the archive, bind the listener and run the workers; return an exit code."""
+    """Prepare the archive, bind the listeners and run the workers (and the HTTP process);
+    return an exit code."""
+    from stockade.web.server import bind_http
+
     archive = build_archive(settings)
     try:
         archive.prepare()
     finally:
         archive.close()
+    http = None
+    if settings.http_enabled:
+        if not is_loopback(settings.http_host):
+            raise ConfigError(
+                f"http_host {settings.http_host} is not a loopback address: the HTTP listener "
+                "has no user authentication yet, so it serves this machine only"
+            )
+        http = bind_http(settings)
     listener = bind_listener(settings)
     workers = settings.worker_count
     log.info(
@@ -93,30 +104,36 @@ def serve(settings: Settings, config_file: Path | None) -> int:
         "" if workers == 1 else "s",
         settings.data_dir.resolve(),
     )
+    if http is not None:
+        log.info(
+            "Stockade DICOMweb on http://%s:%d/dicomweb", settings.http_host, settings.http_port
+        )
     audit = build_archive(settings)
     audit.started("dimse")
     try:
-        if workers == 1:
+        if workers == 1 and http is None:
             serve_in_process(settings, listener)
             return 0
-        return _supervise(settings, config_file, listener, workers)
+        return _supervise(config_file, listener, workers, http)
     finally:
         audit.stopped("dimse")
         audit.close()
 
 
-def _spawn(config_file: Path | None, fd: int) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "stockade.dimse.workers", "--fd", str(fd)]
+def _spawn(config_file: Path | None, module: str, fd: int) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", module, "--fd", str(fd)]
     if config_file is not None:
         args += ["--config", str(config_file)]
     return subprocess.Popen(args, pass_fds=(fd,))
 
 
 def _supervise(
-    settings: Settings, config_file: Path | None, listener: socket.socket, count: int
+    config_file: Path | None, listener: socket.socket, count: int, http: socket.socket | None
 ) -> int:
-    fd = listener.fileno()
-    children = [_spawn(config_file, fd) for _ in range(count)]
+    kinds = [("stockade.dimse.workers", listener.fileno())] * count
+    if http is not None:
+        kinds.append(("stockade.web.server", http.fileno()))
+    children = [_spawn(config_file, module, fd) for module, fd in kinds]
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     restarts: list[float] = []
@@ -127,15 +144,15 @@ def _supervise(
                 code = child.poll()
                 if code is None:
                     continue
-                log.error("DIMSE worker %d exited with code %s; restarting", child.pid, code)
+                log.error("worker %d exited with code %s; restarting", child.pid, code)
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 60] + [now]
                 if len(restarts) > 10:
                     log.critical("workers keep dying; stopping")
                     return 1
-                children[i] = _spawn(config_file, fd)
+                children[i] = _spawn(config_file, *kinds[i])
     except _Stop:
-        log.info("stopping DIMSE workers")
+        log.info("stopping the workers")
     finally:
         for child in children:
             if child.poll() is None:
@@ -147,6 +164,8 @@ def _supervise(
             except subprocess.TimeoutExpired:
                 child.kill()
         listener.close()
+        if http is not None:
+            http.close()
     return 0
 
 

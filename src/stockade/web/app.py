@@ -1,0 +1,135 @@
+"""The ASGI application: DICOMweb (PS3.18) under ``/dicomweb``.
+
+A thin adapter like the DIMSE one: each route turns its request into one call on the
+:class:`~stockade.archive.Archive` with the caller as an audit :class:`Actor`, and its result
+back into HTTP. This module is the one place where core errors become HTTP answers:
+:func:`problem` turns every :class:`~stockade.errors.StockadeError` (and Starlette's own
+HTTP errors) into an RFC 9457 problem document with the error's status. Every response
+carries ``X-Content-Type-Options: nosniff``; no CORS header is ever sent (CORS is off until
+configured origins exist). Routes live in :mod:`stockade.web.qido`, :mod:`stockade.web.wado`,
+:mod:`stockade.web.stow` and :mod:`stockade.web.uri`, each exporting ``ROUTES``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from stockade.audit.events import Actor
+from stockade.errors import StockadeError
+
+if TYPE_CHECKING:
+    from stockade.archive import Archive
+
+log = logging.getLogger(__name__)
+
+#: Where DICOMweb lives: the base URL a client configures is http(s)://host:port/dicomweb.
+BASE = "/dicomweb"
+PROBLEM = "application/problem+json"
+#: Headers on every response (threat model SR-21).
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+
+
+def archive_of(request: Request) -> Archive:
+    """The archive the application serves."""
+    archive: Archive = request.app.state.archive
+    return archive
+
+
+def actor_of(request: Request) -> Actor:
+    """The caller, for the audit trail (users arrive with the identity issue)."""
+    client = request.client
+    return Actor(address=client.host if client else None, via="web")
+
+
+def problem_response(status: int, title: str, detail: str, code: str) -> Response:
+    """An RFC 9457 problem document."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body["code"] = code
+    return Response(json.dumps(body), status_code=status, media_type=PROBLEM)
+
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+async def problem(request: Request, exc: Exception) -> Response:
+    """Translate an error into a problem document (the web half of the one error tree)."""
+    if isinstance(exc, StockadeError):
+        status = exc.http_status
+        if status >= 500:
+            log.warning("%s %s failed: %s", request.method, request.url.path, exc.reason)
+        return problem_response(status, _TITLES.get(status, "Error"), exc.reason, exc.code)
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(status, "Error")
+        return problem_response(status, _TITLES.get(status, "Error"), detail, "http")
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return problem_response(500, _TITLES[500], "internal error; see the server log", "internal")
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v)
+                    for k, v in message.get("headers", [])
+                    if k.lower() not in {name for name, _ in SECURITY_HEADERS}
+                ]
+                message["headers"] = headers + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def dicomweb_routes() -> list[BaseRoute]:
+    """Every DICOMweb route, relative to :data:`BASE`."""
+    from stockade.web import qido, stow, uri, wado
+
+    return [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *uri.ROUTES]
+
+
+def create_app(archive: Archive) -> Starlette:
+    """The application serving *archive*."""
+    handlers: dict[Any, Any] = {StockadeError: problem, HTTPException: problem, Exception: problem}
+    app = Starlette(
+        routes=[Mount(BASE, routes=dicomweb_routes())],
+        exception_handlers=handlers,
+    )
+    app.state.archive = archive
+    app.add_middleware(SecurityHeaders)
+    return app
