@@ -207,6 +207,15 @@ DECLARED: tuple[Declared, ...] = (
         _host,
     ),
     Declared("http_port", int, 8080, "TCP port of the HTTP listener.", _port),
+    Declared(
+        "http_max_body_size",
+        int,
+        2 * GiB,
+        "Largest HTTP request body accepted (a STOW-RS upload), in bytes; a larger declared "
+        "Content-Length is refused with 413 before anything is read, and a body that grows "
+        "past it is cut off with 413.",
+        _positive,
+    ),
     Declared("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", _log_level),
 )
 
@@ -238,6 +247,7 @@ class Settings:
     http_enabled: bool
     http_host: str
     http_port: int
+    http_max_body_size: int
     log_level: str
 
     @property

@@ -7,7 +7,8 @@ back into HTTP. This module is the one place where core errors become HTTP answe
 HTTP errors) into an RFC 9457 problem document with the error's status. Every response
 carries ``X-Content-Type-Options: nosniff``; no CORS header is ever sent (CORS is off until
 configured origins exist). Routes live in :mod:`stockade.web.qido`, :mod:`stockade.web.wado`,
-:mod:`stockade.web.stow` and :mod:`stockade.web.uri`, each exporting ``ROUTES``.
+:mod:`stockade.web.render`, :mod:`stockade.web.stow` and :mod:`stockade.web.uri`, each
+exporting ``ROUTES``.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ class SecurityHeaders:
 
 def dicomweb_routes() -> list[BaseRoute]:
     """Every DICOMweb route, relative to :data:`BASE`."""
-    from stockade.web import qido, stow, uri, wado
+    from stockade.web import qido, render, stow, uri, wado
 
-    return [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *uri.ROUTES]
+    return [*qido.ROUTES, *wado.ROUTES, *render.ROUTES, *stow.ROUTES, *uri.ROUTES]
 
 
 def create_app(archive: Archive) -> Starlette:
