@@ -511,3 +511,125 @@ class Archive:
         if uid_problem(sop_instance_uid):
             return None
         return self.index.find_instance(sop_instance_uid)
+
+    # -- DICOMweb metadata ---------------------------------------------------------------
+    # WADO-RS metadata (PS3.18 10.4.1.1.2): a per-series cache of the built DICOM JSON,
+    # so that viewers asking again do not make every file be opened again.
+
+    #: Bumped when the cached form changes; part of every validity stamp.
+    METADATA_CACHE_VERSION = "1"
+
+    def metadata(
+        self,
+        level: Level,
+        values: Mapping[str, str | None],
+        *,
+        actor: Actor,
+        build: Callable[[Retrieval, list[StoredInstance]], bytes],
+    ) -> bytes:
+        """The metadata of a study, series or instance, as *build* makes it, per series cached.
+
+        The instances are located on the one retrieve path (:meth:`retrieve`, service
+        ``wado``; one ``InstancesRetrieved`` record). For a study or series, each series'
+        part comes from ``<data_dir>/cache/metadata/`` when its validity stamp (a hash of
+        the sorted SOP Instance UIDs and SHA-256s of the series' instances, as the index
+        holds them now) still matches; otherwise *build* reads the instances (through
+        :meth:`Retrieval.read`, so verified) and the result is written there (tmp file then
+        rename) unless an instance failed. An instance is never cached on its own.
+
+        Parameters
+        ----------
+        level : Level
+            ``STUDY``, ``SERIES`` or ``IMAGE``.
+        values : mapping
+            The unique keys of the level and above.
+        actor : Actor
+            The caller, for the audit record.
+        build : callable
+            ``build(retrieval, instances) -> bytes``: a JSON array of the instances; it
+            calls :meth:`Retrieval.done` for each.
+
+        Returns
+        -------
+        bytes
+            One JSON array: the series' arrays joined in index order.
+
+        Raises
+        ------
+        NotFound
+            Nothing matches.
+        InvalidQuery, TooManyMatches
+            See :meth:`retrieve`.
+        """
+        retrieval = self.retrieve(level, values, service="wado", actor=actor)
+        try:
+            if not retrieval.instances:
+                raise NotFound(f"no {level} matches {dict(retrieval.keys)}")
+            if level is Level.IMAGE:
+                return build(retrieval, retrieval.instances)
+            by_series: dict[str, list[StoredInstance]] = {}
+            for inst in retrieval.instances:
+                by_series.setdefault(inst.series_instance_uid, []).append(inst)
+            parts = []
+            for series_uid, instances in by_series.items():
+                path, stamp = self._metadata_place(
+                    instances[0].study_instance_uid, series_uid, instances
+                )
+                cached = self._metadata_cached(path, stamp)
+                if cached is not None:
+                    for inst in instances:
+                        retrieval.done(inst, "completed")
+                    parts.append(cached)
+                    continue
+                failed = len(retrieval.failed)
+                body = build(retrieval, instances)
+                if len(retrieval.failed) == failed:
+                    self._metadata_write(path, stamp, body)
+                parts.append(body)
+            return (
+                parts[0]
+                if len(parts) == 1
+                else b"["
+                + b",".join(p.strip()[1:-1] for p in parts if p.strip()[1:-1].strip())
+                + b"]"
+            )
+        finally:
+            retrieval.finish()
+
+    def _metadata_place(
+        self, study: str, series: str, instances: list[StoredInstance]
+    ) -> tuple[str, str]:
+        """Cache file of a series (named by a hash, never by a peer value) and its stamp."""
+        name = hashlib.sha256(f"{study}/{series}".encode()).hexdigest()
+        path = str(self.settings.data_dir / "cache" / "metadata" / name[:2] / f"{name}.json")
+        digest = hashlib.sha256(self.METADATA_CACHE_VERSION.encode())
+        for inst in sorted(instances, key=lambda i: i.sop_instance_uid):
+            digest.update(f"\n{inst.sop_instance_uid} {inst.sha256}".encode())
+        return path, f"{len(instances)}-{digest.hexdigest()}"
+
+    @staticmethod
+    def _metadata_cached(path: str, stamp: str) -> bytes | None:
+        """The cached body at *path* if its first line is *stamp*."""
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            return None
+        head, sep, body = raw.partition(b"\n")
+        return body if sep and head == stamp.encode() else None
+
+    @staticmethod
+    def _metadata_write(path: str, stamp: str, body: bytes) -> None:
+        """Write the cache file atomically (tmp + rename); a failure only costs speed."""
+        import os
+        import threading
+
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(stamp.encode() + b"\n" + body)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("metadata cache %s not written: %s", name, exc.strerror)
