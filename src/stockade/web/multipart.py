@@ -28,7 +28,7 @@ of the input into chunks: a delimiter may be cut anywhere, even between CR and L
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -294,7 +294,7 @@ class MultipartParser:
 
 async def read_parts(
     stream: AsyncIterator[bytes], parser: MultipartParser, max_body_size: int
-) -> AsyncIterator[Part]:
+) -> AsyncGenerator[Part, None]:
     """Feed *stream* to *parser* and yield each part as soon as it is complete.
 
     Raises

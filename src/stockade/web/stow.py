@@ -1,7 +1,456 @@
-"""Placeholder: routes are added by the module's implementation."""
+"""STOW-RS (PS3.18 10.5): store instances sent as ``multipart/related`` DICOM.
+
+Routes (relative to ``/dicomweb``): ``POST /studies`` and ``POST /studies/{study}``, taking
+``multipart/related; type="application/dicom"; boundary=...`` (PS3.18 10.5.1.2, 8.6.1.2; the
+``type`` parameter quoted or not). JSON + bulk data STOW is not supported (415).
+
+The request body is read as it arrives and cut into parts by
+:class:`~stockade.web.multipart.MultipartParser` under hard limits (threat model SR-14): a
+declared Content-Length over ``http_max_body_size`` is refused with 413 before anything is
+read, a body that grows past it is cut off with 413, each part is kept up to
+``max_object_size``, at most :data:`~stockade.web.multipart.MAX_PARTS` parts. Each part, once
+complete, is a Part 10 file (PS3.10 7.1) that goes through the one ingest pipeline,
+:meth:`Archive.store_file <stockade.archive.Archive.store_file>`, in a worker thread; the stored
+copy gets a zero preamble and Stockade's own File Meta (SR-20). A part is never stored twice;
+storing an instance already held (same bytes) is a success.
+
+On ``/studies/{study}`` each part's Study Instance UID is read (File Meta, then a bounded
+:func:`~stockade.dicom.parse.scan` of the data set, as ingest does) *before* it is stored; an
+instance of another study, or one whose study cannot be read, fails with 0xA900 and nothing of
+it is stored (PS3.18 10.5.1: the instances shall belong to the study of the URL).
+
+Response (PS3.18 10.5.3, Table 10.5.3-1 and the Store Instances Response Module, Table
+10.5.3-2), ``application/dicom+json``:
+
+- Retrieve URL (0008,1190): the study's URL, when the target resource is a study or every
+  stored instance belongs to one study;
+- Referenced SOP Sequence (0008,1199): per stored instance, Referenced SOP Class UID
+  (0008,1150), Referenced SOP Instance UID (0008,1155), Retrieve URL (0008,1190), and Warning
+  Reason (0008,1196) when ingest reported a warning: 0xB006 *Elements Discarded* when bytes
+  after the data set were not stored, else 0xB000 *Coercion of Data Elements* (a preamble
+  replaced by zeros);
+- Failed SOP Sequence (0008,1198): per failed part, the two UIDs when they could be read and
+  are valid UIDs (never an invalid value sent back), and Failure Reason (0008,1197): the error
+  tree's status per PS3.4 B.2.3 and PS3.18 10.5.3 (0xA700 out of resources and its 0xA7xx
+  sub-codes, 0xA900 data set does not match SOP class or the study of the URL, 0xC000 cannot
+  understand and its 0xCxxx sub-codes, 0x0110 processing failure, 0x0111 duplicate SOP
+  instance, 0x0122 SOP class not supported).
+
+The human-readable reason has no standard attribute in these items, so it is carried in a
+private block (PS3.5 7.8.1) reserved by Private Creator (0009,0010) ``STOCKADE``: (0009,1001)
+LT the reason, (0009,1002) LO Stockade's stable error code, in Failed SOP Sequence items and
+(reason only: the warnings) in Referenced SOP Sequence items. Clients that do not know the
+block ignore it, as PS3.5 allows.
+
+Status (PS3.18 10.5.3.1): 200 every instance stored without warnings; 202 some failed or
+had warnings; 409 every instance failed; 400 a malformed request (bad multipart, no parts, a
+bad study UID in the URL); 415 another media type; 413 too large. When the request breaks
+down after some parts were stored (a truncated body, a body past ``http_max_body_size``),
+the answer is a problem document (400 or 413) whose ``stored`` member lists the SOP
+Instance UIDs already stored: they stay stored, like any acknowledged instance.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import json
+import re
+import zlib
+from collections.abc import Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-ROUTES: list[BaseRoute] = []
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from stockade.audit.events import InstanceRejected
+from stockade.dicom.attributes import extract
+from stockade.dicom.parse import scan
+from stockade.dicom.part10 import read_part10
+from stockade.dicom.tables import TRANSFER_SYNTAX_BY_UID
+from stockade.dicom.uids import uid_problem
+from stockade.errors import (
+    DatasetMismatch,
+    InvalidAttribute,
+    InvalidObject,
+    ObjectTooLarge,
+    StockadeError,
+)
+from stockade.ingest import Origin
+from stockade.web.app import BASE, PROBLEM, archive_of
+from stockade.web.dicomjson import JSON_MEDIA_TYPE, RETRIEVE_URL, tag_hex
+from stockade.web.multipart import (
+    MalformedMultipart,
+    MultipartParser,
+    Part,
+    check_boundary,
+    read_parts,
+)
+
+if TYPE_CHECKING:
+    from stockade.archive import Archive
+
+DICOM_MEDIA_TYPE = "application/dicom"
+
+# Tags of the Store Instances Response Module (PS3.18 Table 10.5.3-2).
+REFERENCED_SOP_CLASS_UID = 0x00081150
+REFERENCED_SOP_INSTANCE_UID = 0x00081155
+WARNING_REASON = 0x00081196
+FAILURE_REASON = 0x00081197
+FAILED_SOP_SEQUENCE = 0x00081198
+REFERENCED_SOP_SEQUENCE = 0x00081199
+#: Stockade's private block for the text of a failure or warning (PS3.5 7.8.1).
+PRIVATE_CREATOR = 0x00090010
+PRIVATE_CREATOR_NAME = "STOCKADE"
+PRIVATE_REASON = 0x00091001
+PRIVATE_CODE = 0x00091002
+
+#: Warning Reason values (PS3.18 Table 10.5.3-3, PS3.4 B.2.3).
+COERCION = 0xB000
+ELEMENTS_DISCARDED = 0xB006
+
+_SOP_CLASS = 0x00080016
+_SOP_INSTANCE = 0x00080018
+_STUDY = 0x0020000D
+_IDENTITY = frozenset({_SOP_CLASS, _SOP_INSTANCE, _STUDY})
+
+_TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+#: A parameter: name, then a quoted string or a bare value. A bare value may hold "/"
+#: (``type=application/dicom``, common though not a token per RFC 9110 5.6.2).
+_PARAM = re.compile(rf';\s*({_TCHARS})\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s"]+)\s*')
+
+
+class UnsupportedMediaType(StockadeError):
+    """The request body is not in a media type this resource accepts (HTTP 415)."""
+
+    http_status = 415
+    dimse_status = 0xC000
+    code = "unsupported-media-type"
+
+
+class StudyMismatch(DatasetMismatch):
+    """An instance sent to ``/studies/{study}`` belongs to another study (0xA900)."""
+
+    code = "study-mismatch"
+
+
+def media_type(value: str) -> tuple[str, dict[str, str]]:
+    """The media type of a Content-Type value, lower-cased, and its parameters (RFC 9110
+    8.3.1: names case-insensitive, values as tokens or quoted strings).
+
+    Raises
+    ------
+    MalformedMultipart
+        Parameters that do not parse.
+    """
+    main, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    rest = ";" + rest if rest else ""
+    pos = 0
+    while pos < len(rest):
+        found = _PARAM.match(rest, pos)
+        if found is None:
+            if not rest[pos:].strip(" \t;"):
+                break
+            raise MalformedMultipart("the Content-Type parameters do not parse (RFC 9110 8.3.1)")
+        raw = found.group(2)
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        params[found.group(1).lower()] = raw
+        pos = found.end()
+    return main.strip().lower(), params
+
+
+def _keep(headers: Mapping[str, str]) -> bool:
+    """Whether a part is DICOM (a part without Content-Type takes the ``type`` parameter,
+    RFC 2387 3.1)."""
+    given = headers.get("content-type")
+    return given is None or media_type(given)[0] == DICOM_MEDIA_TYPE
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The UIDs read from a part before or after it went through ingest."""
+
+    sop_class: str | None = None
+    sop_instance: str | None = None
+    study: str | None = None
+
+
+def _valid(uid: str | None) -> str | None:
+    return uid if uid is not None and not uid_problem(uid) else None
+
+
+def identify(data: bytes | bytearray, archive: Archive) -> Identity:
+    """SOP Class, SOP Instance and Study Instance UIDs of a Part 10 file, read as ingest
+    reads them (File Meta per PS3.10 7.1, then a bounded structural walk of the data set).
+
+    Raises
+    ------
+    StockadeError
+        The file does not parse (the same errors ingest would raise).
+    """
+    part10 = read_part10(data)
+    ts = TRANSFER_SYNTAX_BY_UID.get(part10.transfer_syntax)
+    if ts is None:
+        raise InvalidObject(f"transfer syntax {part10.transfer_syntax[:64]} is not supported")
+    dataset: bytes | memoryview = memoryview(data)[part10.dataset_offset :]
+    if ts.deflated:
+        cap = archive.settings.max_object_size
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            dataset = inflater.decompress(dataset, cap + 1)
+        except zlib.error:
+            raise InvalidObject("deflated data set does not inflate") from None
+        if len(dataset) > cap:
+            raise ObjectTooLarge(f"deflated data set inflates past max_object_size ({cap} bytes)")
+    found = scan(
+        dataset,
+        implicit_vr=ts.implicit_vr,
+        little_endian=ts.little_endian,
+        wanted=_IDENTITY,
+        limits=archive.ingest.limits,
+    )
+    attrs = extract(dataset, found.values, little_endian=ts.little_endian)
+    return Identity(
+        sop_class=_text(attrs.get("SOPClassUID")) or part10.media_sop_class_uid,
+        sop_instance=_text(attrs.get("SOPInstanceUID")) or part10.media_sop_instance_uid,
+        study=_text(attrs.get("StudyInstanceUID")),
+    )
+
+
+def _text(value: str | int | None) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class Outcome:
+    """What happened to one part."""
+
+    identity: Identity
+    stored: bool
+    reasons: list[str] = field(default_factory=list)
+    status: int = 0
+    code: str = ""
+
+
+def _warning_reason(warnings: list[str]) -> int:
+    return ELEMENTS_DISCARDED if any("not stored" in w for w in warnings) else COERCION
+
+
+def store_part(archive: Archive, data: bytearray, origin: Origin, study: str | None) -> Outcome:
+    """Store one complete part (runs in a worker thread): check the study of the URL first,
+    then the one ingest pipeline."""
+    known = Identity()
+    try:
+        if study is not None:
+            try:
+                known = identify(data, archive)
+            except StockadeError as exc:
+                raise StudyMismatch(
+                    f"the instance cannot be checked against study {study} of the URL: {exc.reason}"
+                ) from None
+            if known.study != study:
+                raise StudyMismatch(
+                    f"study instance UID mismatch: the instance belongs to study "
+                    f"{_valid(known.study) or '(invalid or missing)'}, not {study} of the URL"
+                )
+        result = archive.store_file(data, origin)
+    except StudyMismatch as exc:
+        archive.audit(
+            InstanceRejected(
+                actor=origin.actor(),
+                outcome="failure",
+                reason=exc.reason,
+                code=exc.code,
+                sop_instance_uid=_valid(known.sop_instance),
+            )
+        )
+        return Outcome(known, False, [exc.reason], exc.dimse_status, exc.code)
+    except StockadeError as exc:
+        if known == Identity():
+            try:
+                known = identify(data, archive)
+            except StockadeError:
+                known = _meta_identity(data)
+        return Outcome(known, False, [exc.reason], exc.dimse_status, exc.code)
+    identity = Identity(result.sop_class_uid, result.sop_instance_uid, result.study_instance_uid)
+    return Outcome(identity, True, list(result.warnings), code=result.outcome.value)
+
+
+def _meta_identity(data: bytearray) -> Identity:
+    """The UIDs the File Meta claims, when the data set itself does not parse."""
+    try:
+        part10 = read_part10(data)
+    except StockadeError:
+        return Identity()
+    return Identity(part10.media_sop_class_uid, part10.media_sop_instance_uid)
+
+
+def _refused(part: Part, max_object_size: int) -> Outcome | None:
+    """The failure of a part the parser did not keep (too large, not DICOM)."""
+    if not part.kept:
+        reason = (
+            f"part Content-Type {part.content_type[:64]!r} is not {DICOM_MEDIA_TYPE} "
+            "(PS3.18 8.6.1.2)"
+        )
+        return Outcome(Identity(), False, [reason], 0xC000, "unsupported-media-type")
+    if part.too_large:
+        reason = f"part of {part.size} bytes exceeds max_object_size ({max_object_size})"
+        return Outcome(Identity(), False, [reason], ObjectTooLarge.dimse_status, "too-large")
+    return None
+
+
+def _uid(value: str | None) -> dict[str, Any]:
+    value = _valid(value)
+    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
+
+
+def _private(item: dict[str, Any], reasons: list[str], code: str | None) -> None:
+    item[tag_hex(PRIVATE_CREATOR)] = {"vr": "LO", "Value": [PRIVATE_CREATOR_NAME]}
+    item[tag_hex(PRIVATE_REASON)] = {"vr": "LT", "Value": ["\n".join(reasons)[:10240]]}
+    if code:
+        item[tag_hex(PRIVATE_CODE)] = {"vr": "LO", "Value": [code[:64]]}
+
+
+def response_body(base: str, outcomes: list[Outcome], study: str | None) -> dict[str, Any]:
+    """The Store Instances Response Module (PS3.18 Table 10.5.3-2) in DICOM JSON."""
+    stored: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    studies = set()
+    for outcome in outcomes:
+        ident = outcome.identity
+        item = {
+            tag_hex(REFERENCED_SOP_CLASS_UID): _uid(ident.sop_class),
+            tag_hex(REFERENCED_SOP_INSTANCE_UID): _uid(ident.sop_instance),
+        }
+        if outcome.stored:
+            studies.add(ident.study)
+            url = f"{base}/studies/{ident.study}/instances/{ident.sop_instance}"
+            item[tag_hex(RETRIEVE_URL)] = {"vr": "UR", "Value": [url]}
+            if outcome.reasons:
+                reason = _warning_reason(outcome.reasons)
+                item[tag_hex(WARNING_REASON)] = {"vr": "US", "Value": [reason]}
+                _private(item, outcome.reasons, None)
+            stored.append(dict(sorted(item.items())))
+        else:
+            item[tag_hex(FAILURE_REASON)] = {"vr": "US", "Value": [outcome.status]}
+            _private(item, outcome.reasons, outcome.code)
+            failed.append(dict(sorted(item.items())))
+    body: dict[str, Any] = {}
+    target = study if study is not None else (next(iter(studies)) if len(studies) == 1 else None)
+    if target is not None:
+        body[tag_hex(RETRIEVE_URL)] = {"vr": "UR", "Value": [f"{base}/studies/{target}"]}
+    if failed:
+        body[tag_hex(FAILED_SOP_SEQUENCE)] = {"vr": "SQ", "Value": failed}
+    if stored:
+        body[tag_hex(REFERENCED_SOP_SEQUENCE)] = {"vr": "SQ", "Value": stored}
+    return body
+
+
+def _check_request(request: Request, archive: Archive) -> bytes:
+    """Check the headers of a STOW-RS request; return the multipart boundary.
+
+    Raises
+    ------
+    ObjectTooLarge
+        A declared Content-Length over ``http_max_body_size`` (nothing has been read).
+    UnsupportedMediaType
+        Not ``multipart/related`` of ``application/dicom``.
+    MalformedMultipart
+        No usable boundary, or a Content-Length that is not a number.
+    """
+    limit = archive.settings.http_max_body_size
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise MalformedMultipart("Content-Length is not a number")
+        if int(declared) > limit:
+            raise ObjectTooLarge(
+                f"the request body of {int(declared)} bytes is larger than "
+                f"http_max_body_size ({limit} bytes)"
+            )
+    kind, params = media_type(request.headers.get("content-type", ""))
+    if kind != "multipart/related":
+        raise UnsupportedMediaType(
+            f'STOW-RS takes multipart/related; type="{DICOM_MEDIA_TYPE}", not '
+            f"{kind[:64] or 'a body without Content-Type'} (PS3.18 10.5.1.2)"
+        )
+    part_type = params.get("type", "").lower()
+    if part_type != DICOM_MEDIA_TYPE:
+        raise UnsupportedMediaType(
+            f"multipart/related of type {part_type[:64]!r} is not supported; "
+            f"only {DICOM_MEDIA_TYPE} (PS3.18 10.5.1.2)"
+        )
+    return check_boundary(params.get("boundary", ""))
+
+
+def _stopped(exc: StockadeError, outcomes: list[Outcome]) -> Response:
+    """A problem document for a request that broke down, naming what was already stored."""
+    stored = [o.identity.sop_instance for o in outcomes if o.stored]
+    detail = exc.reason
+    if stored:
+        detail += f"; {len(stored)} instance(s) received before this were stored"
+    body = {
+        "type": "about:blank",
+        "title": "Content Too Large" if exc.http_status == 413 else "Bad Request",
+        "status": exc.http_status,
+        "detail": detail,
+        "code": exc.code,
+        "stored": stored,
+    }
+    return Response(json.dumps(body), status_code=exc.http_status, media_type=PROBLEM)
+
+
+async def store(request: Request) -> Response:
+    """``POST /studies[/{study}]``: store the instances of a multipart request (PS3.18
+    10.5), one part at a time as the body arrives."""
+    archive = archive_of(request)
+    study: str | None = request.path_params.get("study")
+    if study is not None:
+        problem = uid_problem(study)
+        if problem:
+            raise InvalidAttribute(f"StudyInstanceUID in the URL {problem}")
+    boundary = _check_request(request, archive)
+    settings = archive.settings
+    client = request.client
+    origin = Origin(via="web", address=client.host if client else None)
+    parser = MultipartParser(boundary, max_part_size=settings.max_object_size, keep=_keep)
+    outcomes: list[Outcome] = []
+    try:
+        parts = read_parts(request.stream(), parser, settings.http_max_body_size)
+        async with aclosing(parts):
+            async for part in parts:
+                refused = _refused(part, settings.max_object_size)
+                if refused is not None:
+                    outcomes.append(refused)
+                    continue
+                body, part.body = part.body, bytearray()
+                outcomes.append(await run_in_threadpool(store_part, archive, body, origin, study))
+                del body
+    except (MalformedMultipart, ObjectTooLarge) as exc:
+        return _stopped(exc, outcomes)
+    if not outcomes:
+        raise MalformedMultipart("the request carries no instances")
+    base = str(request.base_url).rstrip("/") + BASE
+    failed = sum(not o.stored for o in outcomes)
+    warned = any(o.stored and o.reasons for o in outcomes)
+    if failed == len(outcomes):
+        status = 409
+    elif failed or warned:
+        status = 202
+    else:
+        status = 200
+    return Response(
+        json.dumps(response_body(base, outcomes, study)),
+        status_code=status,
+        media_type=JSON_MEDIA_TYPE,
+    )
+
+
+ROUTES: list[BaseRoute] = [
+    Route("/studies", store, methods=["POST"]),
+    Route("/studies/{study}", store, methods=["POST"]),
+]

@@ -1,0 +1,298 @@
+"""STOW-RS (PS3.18 10.5) through the ASGI app, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytest
+from starlette.exceptions import StarletteDeprecationWarning
+
+from stockade.archive import Archive
+from stockade.web.app import create_app
+from stockade.web.stow import media_type
+from tests.dicomfactory import make_dataset, part10
+
+with warnings.catch_warnings():
+    # Starlette 1.x prefers httpx2 for its test client; httpx is what is installed.
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+BOUNDARY = "stow-test-boundary"
+CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+FAILED = "00081198"
+REFERENCED = "00081199"
+FAILURE_REASON = "00081197"
+WARNING_REASON = "00081196"
+SOP_INSTANCE = "00081155"
+SOP_CLASS = "00081150"
+RETRIEVE_URL = "00081190"
+PRIVATE_CREATOR = "00090010"
+PRIVATE_REASON = "00091001"
+
+
+def multipart(parts: Iterable[bytes], content_type: str = "application/dicom") -> bytes:
+    out = b""
+    for data in parts:
+        out += f"--{BOUNDARY}\r\nContent-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+@pytest.fixture
+def client(archive: Archive) -> Iterator[TestClient]:
+    with TestClient(create_app(archive)) as c:
+        yield c
+
+
+def post(client: TestClient, body: bytes, path: str = "/dicomweb/studies", **headers: str) -> Any:
+    return client.post(path, content=body, headers={"Content-Type": CONTENT_TYPE, **headers})
+
+
+def values(item: dict[str, Any], tag: str) -> list[Any]:
+    return list(item.get(tag, {}).get("Value", []))
+
+
+def test_mixed_request_stores_only_the_valid_instance(client: TestClient, archive: Archive) -> None:
+    good = make_dataset()
+    truncated = part10(make_dataset())[:-40]
+    bad_uid = make_dataset(SOPInstanceUID="../../x")
+    response = post(client, multipart([part10(good), truncated, part10(bad_uid)]))
+    assert response.status_code == 202, response.text
+    assert response.headers["content-type"] == "application/dicom+json"
+    body = response.json()
+    assert archive.counts()["instances"] == 1
+    assert archive.find_instance(good.SOPInstanceUID) is not None
+
+    (stored,) = body[REFERENCED]["Value"]
+    assert values(stored, SOP_INSTANCE) == [good.SOPInstanceUID]
+    assert values(stored, SOP_CLASS) == [good.SOPClassUID]
+    assert values(stored, RETRIEVE_URL)[0].endswith(
+        f"/dicomweb/studies/{good.StudyInstanceUID}/instances/{good.SOPInstanceUID}"
+    )
+    assert values(body, RETRIEVE_URL)[0].endswith(f"/dicomweb/studies/{good.StudyInstanceUID}")
+
+    first, second = body[FAILED]["Value"]
+    for item in (first, second):
+        assert values(item, PRIVATE_CREATOR) == ["STOCKADE"]
+        assert values(item, PRIVATE_REASON)[0]
+    assert values(first, FAILURE_REASON) == [0xC000]
+    assert "malformed" in values(first, PRIVATE_REASON)[0]
+    assert values(second, FAILURE_REASON) == [0xC001]
+    assert "SOPInstanceUID" in values(second, PRIVATE_REASON)[0]
+    # The invalid UID is not sent back as a UID (the reason text quotes it); the class is.
+    assert second[SOP_INSTANCE] == {"vr": "UI"}
+    assert values(second, SOP_CLASS) == [bad_uid.SOPClassUID]
+
+
+def test_all_failed_is_409(client: TestClient, archive: Archive) -> None:
+    response = post(client, multipart([b"not dicom", part10(make_dataset())[:200]]))
+    assert response.status_code == 409, response.text
+    assert len(response.json()[FAILED]["Value"]) == 2
+    assert REFERENCED not in response.json()
+    assert archive.counts()["instances"] == 0
+
+
+def test_all_stored_is_200_and_a_duplicate_is_a_success(
+    client: TestClient, archive: Archive
+) -> None:
+    ds = make_dataset()
+    other = make_dataset(StudyInstanceUID=ds.StudyInstanceUID)
+    raw = part10(ds)
+    for _ in range(2):
+        response = post(client, multipart([raw, part10(other)]))
+        assert response.status_code == 200, response.text
+        assert len(response.json()[REFERENCED]["Value"]) == 2
+        assert FAILED not in response.json()
+    assert archive.counts()["instances"] == 2
+
+
+def test_study_mismatch_is_refused_before_storing(client: TestClient, archive: Archive) -> None:
+    mine = make_dataset()
+    foreign = make_dataset()
+    response = post(
+        client,
+        multipart([part10(mine), part10(foreign), b"junk"]),
+        path=f"/dicomweb/studies/{mine.StudyInstanceUID}",
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert values(body, RETRIEVE_URL)[0].endswith(f"/studies/{mine.StudyInstanceUID}")
+    mismatch, junk = body[FAILED]["Value"]
+    assert values(mismatch, FAILURE_REASON) == [0xA900]
+    assert values(mismatch, SOP_INSTANCE) == [foreign.SOPInstanceUID]
+    assert "study instance UID mismatch" in values(mismatch, PRIVATE_REASON)[0]
+    assert values(junk, FAILURE_REASON) == [0xA900]
+    assert archive.find_instance(foreign.SOPInstanceUID) is None
+    assert archive.counts()["instances"] == 1
+
+
+def test_bad_study_uid_in_url(client: TestClient) -> None:
+    response = post(client, multipart([part10(make_dataset())]), path="/dicomweb/studies/1.2.x")
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_polyglot_is_stored_with_a_zero_preamble(client: TestClient, archive: Archive) -> None:
+    ds = make_dataset()
+    preamble = (b"MZ\x90\x00" + b"This program cannot be run in DOS mode").ljust(128, b"\x00")
+    response = post(client, multipart([part10(ds, preamble=preamble)]))
+    assert response.status_code == 202, response.text  # stored, with a warning
+    (item,) = response.json()[REFERENCED]["Value"]
+    assert values(item, WARNING_REASON) == [0xB000]
+    assert "preamble" in values(item, PRIVATE_REASON)[0]
+    stored = archive.find_instance(ds.SOPInstanceUID)
+    assert stored is not None
+    with archive.store.open(stored.blob_key) as fh:
+        blob = fh.read()
+    assert blob[:132] == bytes(128) + b"DICM"
+    assert b"MZ\x90\x00" not in blob
+
+
+def test_wrong_part_content_type_fails_that_part(client: TestClient, archive: Archive) -> None:
+    body = multipart([b"<html><script>alert(1)</script></html>"], "text/html")
+    body = body.replace(f"--{BOUNDARY}--\r\n".encode(), b"") + multipart([part10(make_dataset())])
+    response = post(client, body)
+    assert response.status_code == 202, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert values(failed, FAILURE_REASON) == [0xC000]
+    assert "text/html" in values(failed, PRIVATE_REASON)[0]
+    assert archive.counts()["instances"] == 1
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/dicom",
+        "application/json",
+        f"multipart/related; type=application/dicom+json; boundary={BOUNDARY}",
+        f"multipart/mixed; boundary={BOUNDARY}",
+        "",
+    ],
+)
+def test_wrong_media_type_is_415(client: TestClient, content_type: str) -> None:
+    response = client.post(
+        "/dicomweb/studies",
+        content=multipart([part10(make_dataset())]),
+        headers={"Content-Type": content_type},
+    )
+    assert response.status_code == 415, response.text
+    assert response.json()["code"] == "unsupported-media-type"
+
+
+def test_type_parameter_unquoted_and_boundary_quoted(client: TestClient) -> None:
+    response = client.post(
+        "/dicomweb/studies",
+        content=multipart([part10(make_dataset())]),
+        headers={
+            "Content-Type": f'Multipart/Related; boundary="{BOUNDARY}"; type=application/dicom'
+        },
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_malformed_bodies_are_400(client: TestClient, archive: Archive) -> None:
+    ds = make_dataset()
+    truncated = multipart([part10(ds)]).replace(f"--{BOUNDARY}--\r\n".encode(), b"")
+    response = post(client, truncated + f"--{BOUNDARY}\r\n\r\npartial".encode())
+    assert response.status_code == 400
+    problem = response.json()
+    assert "close delimiter" in problem["detail"]
+    assert problem["stored"] == [ds.SOPInstanceUID]  # what came before stays stored
+    assert post(client, f"--{BOUNDARY}--\r\n".encode()).status_code == 400  # no instances
+    response = client.post(
+        "/dicomweb/studies",
+        content=b"x",
+        headers={"Content-Type": "multipart/related; type=application/dicom"},
+    )
+    assert response.status_code == 400  # no boundary
+
+
+def small_limit(archive: Archive, limit: int) -> Archive:
+    archive.settings = dataclasses.replace(archive.settings, http_max_body_size=limit)
+    return archive
+
+
+def run_asgi(
+    archive: Archive, chunks: list[bytes] | None, content_length: int | None = None
+) -> tuple[int, dict[str, Any], int]:
+    """Send one request straight to the ASGI app, the body in *chunks* (None: reading it
+    is an error); return the status, the JSON answer and how many chunks were read."""
+    app = create_app(archive)
+    sent: list[dict[str, Any]] = []
+    read = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        assert chunks is not None, "the body was read"
+        read += 1
+        return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"testserver"), (b"content-type", CONTENT_TYPE.encode())]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/dicomweb/studies",
+        "raw_path": b"/dicomweb/studies",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    return sent[0]["status"], json.loads(sent[1]["body"]), read
+
+
+def test_declared_content_length_over_limit_is_413_before_reading(archive: Archive) -> None:
+    status, problem, read = run_asgi(small_limit(archive, 1000), None, content_length=1001)
+    assert status == 413
+    assert problem["code"] == "too-large"
+    assert read == 0
+
+
+def test_streamed_body_over_limit_is_cut_off_with_413(archive: Archive) -> None:
+    first = make_dataset()
+    body = multipart([part10(first), part10(make_dataset()), part10(make_dataset())])
+    chunks = [body[i : i + 100] for i in range(0, len(body), 100)]
+    limit = len(body) - 500
+    status, problem, read = run_asgi(small_limit(archive, limit), chunks)
+    assert status == 413
+    assert "http_max_body_size" in problem["detail"]
+    assert read == limit // 100 + 1  # reading stopped at the chunk that went over
+    assert first.SOPInstanceUID in problem["stored"]
+    assert archive.counts()["instances"] == len(problem["stored"])
+
+
+def test_part_over_max_object_size_fails_alone(archive: Archive) -> None:
+    small = part10(make_dataset())
+    big = part10(make_dataset(PixelData=bytes(4096)))
+    archive.settings = dataclasses.replace(archive.settings, max_object_size=len(small) + 100)
+    with TestClient(create_app(archive)) as client:
+        response = post(client, multipart([big, small]))
+    assert response.status_code == 202, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert values(failed, FAILURE_REASON) == [0xA700]
+    assert "max_object_size" in values(failed, PRIVATE_REASON)[0]
+
+
+def test_media_type_parameters() -> None:
+    assert media_type('multipart/related; type="application/dicom"; boundary="a\\"b"') == (
+        "multipart/related",
+        {"type": "application/dicom", "boundary": 'a"b'},
+    )
+    assert media_type("Multipart/Related;TYPE=application/dicom;") == (
+        "multipart/related",
+        {"type": "application/dicom"},
+    )
