@@ -1,0 +1,387 @@
+"""Rendered resources and thumbnails (PS3.18 10.4.1.1.3, 10.4.1.1.4), on SQLite and PostgreSQL.
+
+Pixels are checked against a VOI window computed here with numpy from PS3.3 C.11.2.1.2.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tracemalloc
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels.processing import apply_color_lut
+from pydicom.uid import JPEG2000Lossless, generate_uid
+
+from stockade.archive import Archive
+from stockade.audit.events import InstancesRetrieved
+from stockade.audit.sink import MemoryAuditSink
+from stockade.ingest import Origin
+from stockade.web.app import create_app
+from tests.dicomfactory import make_dataset, part10
+
+with warnings.catch_warnings():  # starlette warns at import that httpx2 is preferred
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+Array = npt.NDArray[np.float64]
+
+
+@pytest.fixture
+def client(archive: Archive) -> Iterator[TestClient]:
+    with TestClient(create_app(archive)) as c:
+        yield c
+
+
+def _testdata(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path is not None, name
+    return Path(str(path))
+
+
+def _store_file(archive: Archive, name: str) -> Dataset:
+    path = _testdata(name)
+    archive.store_file(path.read_bytes(), Origin(via="import"))
+    return pydicom.dcmread(path)
+
+
+def _store(archive: Archive, ds: Dataset, ts: str | None = None) -> Dataset:
+    data = part10(ds) if ts is None else part10(ds, ts=ts)
+    archive.store_file(data, Origin(via="import"))
+    return ds
+
+
+def _url(ds: Dataset, tail: str = "/rendered") -> str:
+    return (
+        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}{tail}"
+    )
+
+
+def _png(client: TestClient, url: str) -> npt.NDArray[np.int32]:
+    response = client.get(url, headers={"Accept": "image/png"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
+    return np.asarray(Image.open(io.BytesIO(response.content))).astype(np.int32)
+
+
+def _problem(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = json.loads(response.content)
+    assert body["status"] == status
+    return dict(body)
+
+
+# -- an independent reference of the VOI LUT functions (PS3.3 C.11.2.1.2, C.11.2.1.3.1) ----
+
+
+def _linear(x: Array, c: float, w: float) -> Array:
+    low = c - 0.5 - (w - 1) / 2
+    high = c - 0.5 + (w - 1) / 2
+    mid = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255
+    return np.where(x <= low, 0.0, np.where(x > high, 255.0, mid))
+
+
+def _linear_exact(x: Array, c: float, w: float) -> Array:
+    mid = ((x - c) / w + 0.5) * 255
+    return np.where(x <= c - w / 2, 0.0, np.where(x > c + w / 2, 255.0, mid))
+
+
+def _sigmoid(x: Array, c: float, w: float) -> Array:
+    return 255 / (1 + np.exp(-4 * (x - c) / w))
+
+
+def _close(actual: npt.NDArray[np.int32], expected: Array) -> None:
+    assert actual.shape == expected.shape
+    assert int(np.abs(actual - np.rint(expected)).max()) <= 1
+
+
+def _modality(ds: Dataset) -> Array:
+    slope = float(ds.get("RescaleSlope", 1))
+    intercept = float(ds.get("RescaleIntercept", 0))
+    return ds.pixel_array.astype(np.float64) * slope + intercept
+
+
+# -- grey images -----------------------------------------------------------------------------
+
+
+def test_window_from_the_request_on_ct_values(archive: Archive, client: TestClient) -> None:
+    ds = _store_file(archive, "CT_small.dcm")
+    hu = _modality(ds)
+    _close(_png(client, _url(ds) + "?window=40,400,linear"), _linear(hu, 40, 400))
+    _close(_png(client, _url(ds) + "?window=40,400"), _linear(hu, 40, 400))
+    _close(_png(client, _url(ds) + "?window=100,250,linear-exact"), _linear_exact(hu, 100, 250))
+    _close(_png(client, _url(ds) + "?window=0,300,sigmoid"), _sigmoid(hu, 0, 300))
+
+
+def test_window_from_the_file_then_min_max(archive: Archive, client: TestClient) -> None:
+    mr = _store_file(archive, "MR_small.dcm")  # Window Center 600, Width 1600
+    values = mr.pixel_array.astype(np.float64)
+    _close(_png(client, _url(mr)), _linear(values, 600, 1600))
+
+    ct = _store_file(archive, "CT_small.dcm")  # no window: minimum to maximum
+    hu = _modality(ct)
+    expected = (hu - hu.min()) / (hu.max() - hu.min()) * 255
+    rendered = _png(client, _url(ct))
+    _close(rendered, expected)
+    assert rendered.min() == 0
+    assert rendered.max() == 255
+
+
+def test_monochrome1_is_inverted(archive: Archive, client: TestClient) -> None:
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 10
+    common = {"Rows": 8, "Columns": 8, "PixelData": pixels.tobytes()}
+    mono1 = _store(archive, make_dataset(PhotometricInterpretation="MONOCHROME1", **common))
+    mono2 = _store(archive, make_dataset(PhotometricInterpretation="MONOCHROME2", **common))
+    expected = pixels / pixels.max() * 255
+    _close(_png(client, _url(mono2)), expected)
+    _close(_png(client, _url(mono1)), 255 - expected)
+    _close(
+        _png(client, _url(mono1) + "?window=300,200,linear"),
+        255 - _linear(pixels.astype(np.float64), 300, 200),
+    )
+
+
+def test_multiframe_first_frame_by_default_and_named_frames(
+    archive: Archive, client: TestClient
+) -> None:
+    ds = _store_file(archive, "emri_small.dcm")  # 10 frames of 64 x 64
+    frames = ds.pixel_array.astype(np.float64)
+
+    def min_max(frame: Array) -> Array:
+        scaled: Array = (frame - frame.min()) / (frame.max() - frame.min()) * 255
+        return scaled
+
+    _close(_png(client, _url(ds)), min_max(frames[0]))
+    _close(_png(client, _url(ds, "/frames/1/rendered")), min_max(frames[0]))
+    _close(_png(client, _url(ds, "/frames/7/rendered")), min_max(frames[6]))
+    assert not np.array_equal(frames[0], frames[6])
+    _problem(client.get(_url(ds, "/frames/11/rendered")), 404)
+    _problem(client.get(_url(ds, "/frames/0/rendered")), 400)
+    _problem(client.get(_url(ds, "/frames/x/rendered")), 400)
+    _problem(client.get(_url(ds, "/frames/99999999999999/rendered")), 400)
+    _problem(client.get(_url(ds, "/frames/1,2/rendered")), 406)
+
+
+# -- colour images ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_rle.dcm", "US1_J2KR.dcm", "US1_UNCR.dcm"])
+def test_rgb_keeps_its_colours(archive: Archive, client: TestClient, name: str) -> None:
+    ds = _store_file(archive, name)
+    rendered = _png(client, _url(ds))
+    assert rendered.shape == (ds.Rows, ds.Columns, 3)
+    assert np.array_equal(rendered, ds.pixel_array.astype(np.int32))
+
+
+def test_palette_colour_goes_through_its_lookup_tables(
+    archive: Archive, client: TestClient
+) -> None:
+    ds = _store_file(archive, "OBXXXX1A.dcm")  # PALETTE COLOR, 16-bit LUT entries
+    red = np.asarray(ds.RedPaletteColorLookupTableData)
+    assert red.size  # the tables are in the file
+    expected = apply_color_lut(ds.pixel_array, ds).astype(np.float64) * 255 / 65535
+    _close(_png(client, _url(ds)), expected)
+
+
+# -- media types, viewport, quality, parameters ---------------------------------------------
+
+
+def test_media_type_follows_accept(archive: Archive, client: TestClient) -> None:
+    ds = _store_file(archive, "MR_small.dcm")
+    default = client.get(_url(ds))
+    assert default.status_code == 200
+    assert default.headers["content-type"] == "image/jpeg"
+    assert default.content.startswith(b"\xff\xd8\xff")
+    assert Image.open(io.BytesIO(default.content)).size == (64, 64)
+    for accept, media, magic in [
+        ("image/png", "image/png", b"\x89PNG"),
+        ("image/jpeg", "image/jpeg", b"\xff\xd8\xff"),
+        ("image/gif", "image/gif", b"GIF8"),
+        ("image/*", "image/jpeg", b"\xff\xd8\xff"),
+        ("*/*", "image/jpeg", b"\xff\xd8\xff"),
+        ("image/jpeg;q=0.5, image/png", "image/png", b"\x89PNG"),
+        ("application/dicom, image/png;q=0.2", "image/png", b"\x89PNG"),
+    ]:
+        response = client.get(_url(ds), headers={"Accept": accept})
+        assert response.status_code == 200, accept
+        assert response.headers["content-type"] == media, accept
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.content.startswith(magic), accept
+    by_parameter = client.get(_url(ds) + "?accept=image/png", headers={"Accept": "image/jpeg"})
+    assert by_parameter.headers["content-type"] == "image/png"
+    _problem(client.get(_url(ds), headers={"Accept": "application/pdf"}), 406)
+    _problem(client.get(_url(ds), headers={"Accept": "image/png;q=0"}), 406)
+
+
+def test_viewport_scales_to_fit_and_crops(archive: Archive, client: TestClient) -> None:
+    ds = _store_file(archive, "US1_UNCR.dcm")  # 640 x 480 RGB
+    assert _png(client, _url(ds) + "?viewport=320,320").shape == (240, 320, 3)
+    assert _png(client, _url(ds) + "?viewport=1000,120").shape == (120, 160, 3)
+    assert _png(client, _url(ds) + "?viewport=1280,960").shape == (960, 1280, 3)
+    pixels = ds.pixel_array.astype(np.int32)
+    crop = _png(client, _url(ds) + "?viewport=30,20,100,50,30,20")
+    assert np.array_equal(crop, pixels[50:70, 100:130])
+    flipped = _png(client, _url(ds) + "?viewport=30,20,130,70,-30,-20")
+    assert np.array_equal(flipped, pixels[50:70, 100:130][::-1, ::-1])
+    _problem(client.get(_url(ds) + "?viewport=30,20,5000,5000,30,20"), 400)
+
+
+def test_quality_changes_the_jpeg(archive: Archive, client: TestClient) -> None:
+    ds = _store_file(archive, "US1_UNCR.dcm")
+    low = client.get(_url(ds) + "?quality=5")
+    high = client.get(_url(ds) + "?quality=100")
+    assert low.status_code == high.status_code == 200
+    assert len(low.content) < len(high.content)
+    assert client.get(_url(ds) + "?annotation=patient,technique").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "window=abc,400,linear",
+        "window=40",
+        "window=40,0,linear",
+        "window=40,0.5,linear",
+        "window=40,0,sigmoid",
+        "window=40,400,cubic",
+        "window=nan,400",
+        "window=1e999,400",
+        "viewport=0,10",
+        "viewport=4097,10",
+        "viewport=10",
+        "viewport=10,10,0,0,0,10",
+        "quality=0",
+        "quality=101",
+        "quality=high",
+        "annotation=everything",
+        "frame=1",
+        "quality=50&quality=60",
+    ],
+)
+def test_bad_parameters_are_400(archive: Archive, client: TestClient, query: str) -> None:
+    ds = _store_file(archive, "MR_small.dcm")
+    _problem(client.get(_url(ds) + "?" + query), 400)
+
+
+def test_bad_and_unknown_uids(archive: Archive, client: TestClient) -> None:
+    ds = _store_file(archive, "MR_small.dcm")
+    bad = f"/dicomweb/studies/{ds.StudyInstanceUID}/series/1.2.abc/instances/1.2/rendered"
+    _problem(client.get(bad), 400)
+    missing = ds.copy()
+    missing.SOPInstanceUID = generate_uid()
+    _problem(client.get(_url(missing)), 404)
+    _problem(client.get(_url(missing, "/thumbnail")), 404)
+
+
+def test_study_and_series_rendered_are_refused(archive: Archive, client: TestClient) -> None:
+    ds = _store_file(archive, "MR_small.dcm")
+    study = f"/dicomweb/studies/{ds.StudyInstanceUID}"
+    body = _problem(client.get(f"{study}/rendered"), 406)
+    assert "multipart" in str(body["detail"])
+    _problem(client.get(f"{study}/series/{ds.SeriesInstanceUID}/rendered"), 406)
+
+
+def test_an_object_without_pixel_data_is_406(archive: Archive, client: TestClient) -> None:
+    ds = make_dataset()
+    del ds.PixelData
+    _store(archive, ds)
+    body = _problem(client.get(_url(ds)), 406)
+    assert "Pixel Data" in str(body["detail"])
+
+
+# -- hostile headers (threat model SR-13) ----------------------------------------------------
+
+
+def _huge(**extra: object) -> Dataset:
+    return make_dataset(Rows=65535, Columns=65535, NumberOfFrames=10000, **extra)
+
+
+@pytest.mark.parametrize("encapsulated", [False, True])
+def test_huge_header_is_refused_before_decoding(
+    archive: Archive, client: TestClient, encapsulated: bool
+) -> None:
+    if encapsulated:
+        # A JPEG 2000 codestream start (SOC, SIZ) that claims a 65535 x 65535 image.
+        siz = b"\xff\x4f\xff\x51\x00\x29\x00\x00" + b"\x00\x00\xff\xff" * 2 + bytes(40)
+        ds = _store(
+            archive,
+            _huge(PixelData=encapsulate([siz]), BitsAllocated=8, BitsStored=8, HighBit=7),
+            ts=JPEG2000Lossless,
+        )
+    else:
+        ds = _store(archive, _huge(PixelData=bytes(64)))
+    tracemalloc.start()
+    try:
+        for tail in ("/rendered", "/frames/5000/rendered", "/thumbnail"):
+            body = _problem(client.get(_url(ds, tail)), 406)
+            assert "limit" in str(body["detail"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20
+
+
+# -- thumbnails -------------------------------------------------------------------------------
+
+
+def _flat(value: int, study: str, series: str, number: int) -> Dataset:
+    return make_dataset(
+        StudyInstanceUID=study,
+        SeriesInstanceUID=series,
+        InstanceNumber=number,
+        Rows=16,
+        Columns=16,
+        WindowCenter=200,
+        WindowWidth=401,
+        PixelData=np.full((16, 16), value, dtype=np.uint16).tobytes(),
+    )
+
+
+def test_thumbnails_are_small(archive: Archive, client: TestClient) -> None:
+    us = _store_file(archive, "US1_UNCR.dcm")  # 640 x 480
+    response = client.get(_url(us, "/thumbnail"))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response.content)).size == (128, 96)
+    png = _png(client, _url(us, "/thumbnail"))
+    assert png.shape == (96, 128, 3)
+    assert _png(client, _url(us, "/thumbnail?viewport=64,64")).shape == (48, 64, 3)
+    mr = _store_file(archive, "MR_small.dcm")  # 64 x 64: not enlarged
+    assert _png(client, _url(mr, "/thumbnail")).shape == (64, 64)
+    _problem(client.get(_url(mr, "/thumbnail?window=1,2")), 400)
+
+
+def test_series_and_study_thumbnails_show_the_middle_instance(
+    archive: Archive, client: TestClient, audit: MemoryAuditSink
+) -> None:
+    study = generate_uid()
+    report_series, image_series = generate_uid(), generate_uid()
+    report = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=report_series)
+    del report.PixelData
+    _store(archive, report)  # the first series holds no image
+    for number, value in [(3, 300), (1, 100), (2, 200), (4, 400), (5, 500)]:
+        _store(archive, _flat(value, study, image_series, number))
+    # middle of 5 ordered by Instance Number: number 3, value 300
+    expected = float(_linear(np.array([300.0]), 200, 401)[0])
+    series_url = f"/dicomweb/studies/{study}/series/{image_series}/thumbnail"
+    for url in (series_url, f"/dicomweb/studies/{study}/thumbnail"):
+        thumb = _png(client, url)
+        assert thumb.shape == (16, 16)
+        assert int(np.abs(thumb - round(expected)).max()) <= 1
+    retrieved = [e for e in audit.events if isinstance(e, InstancesRetrieved)]
+    assert retrieved[-1].service == "wado"
+    assert retrieved[-1].completed == 1
