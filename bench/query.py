@@ -7,6 +7,9 @@ association, reused for every query, sends each study-level query ``--repeats`` 
 figure is the median wall time from sending the C-FIND-RQ to receiving its final response,
 with the number of matches checked against what the generator made.
 
+The same queries are then sent as QIDO-RS study searches (``GET /dicomweb/studies`` on
+one kept-alive connection, httpx) to the same server.
+
 With ``--orthanc`` the same synthetic archive (same patients, names, dates and hierarchy;
 fresh UIDs) is written as small Part 10 files without pixel data, stored into Debian's
 Orthanc with DCMTK ``storescu``, and the same queries are timed against it with the same
@@ -273,6 +276,25 @@ def measure(
     return statistics.median(times[2:]), matches
 
 
+def measure_qido(http_port: int, keys: dict[str, str], repeats: int) -> tuple[float, int]:
+    """Median milliseconds per QIDO-RS study search on one kept-alive HTTP connection (the
+    same keys as the C-FIND; the default return keys), and the number of results."""
+    import httpx
+
+    url = f"http://127.0.0.1:{http_port}/dicomweb/studies"
+    times, matches = [], 0
+    with httpx.Client(timeout=60) as client:
+        for _ in range(repeats + 2):  # two warm-up requests
+            started = time.perf_counter()
+            response = client.get(url, params=keys)
+            body = response.json()
+            times.append((time.perf_counter() - started) * 1000)
+            if response.status_code != 200:
+                raise BenchError(f"QIDO-RS answered {response.status_code}: {body}")
+            matches = len(body)
+    return statistics.median(times[2:]), matches
+
+
 def write_files(folder: Path, instances: int) -> int:
     """The synthetic archive as Part 10 files without pixel data (for Orthanc)."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -368,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds = fill(url, args.instances)
         where = url.split("?")[0]
         print(f"filled {patients * PER_PATIENT} instances in {seconds:.1f} s ({where})")
-        port = free_port()
+        port, http_port = free_port(), free_port()
         env = {
             "STOCKADE_DATA_DIR": str(folder / "data"),
             "STOCKADE_DATABASE_URL": url,
             "STOCKADE_DICOM_PORT": str(port),
-            "STOCKADE_HTTP_PORT": str(free_port()),
+            "STOCKADE_HTTP_PORT": str(http_port),
             "STOCKADE_LOG_LEVEL": "WARNING",
         }
         service = stack.enter_context(
@@ -390,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
         for name, keys, expected in queries(patients):
             median, matches = measure(port, keys, args.repeats)
+            flag = "" if matches == expected else f" (expected {expected})"
+            ok = ok and matches == expected
+            print(f"| {name} | {matches}{flag} | {median:.1f} |")
+        print("| query (QIDO-RS) | matches | median ms |")
+        print("|---|---:|---:|")
+        for name, keys, expected in queries(patients):
+            median, matches = measure_qido(http_port, keys, args.repeats)
             flag = "" if matches == expected else f" (expected {expected})"
             ok = ok and matches == expected
             print(f"| {name} | {matches}{flag} | {median:.1f} |")
