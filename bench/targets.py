@@ -58,6 +58,8 @@ class Session:
     database_process: str | None = None
     #: Things worth reporting about this session (settings in force, start-up time, ...).
     notes: dict[str, str] = field(default_factory=dict)
+    #: The HTTP port, where the archive serves one (DICOMweb, REST).
+    http_port: int | None = None
 
 
 class Target(ABC):
@@ -146,11 +148,11 @@ class Stockade(Target):
         data_dir = run_dir / "data"
         with contextlib.ExitStack() as stack:
             stack.callback(self._drop_data, data_dir)
-            port = free_port()
+            port, http_port = free_port(), free_port()
             settings = {
                 "STOCKADE_DATA_DIR": str(data_dir),
                 "STOCKADE_DICOM_PORT": str(port),
-                "STOCKADE_HTTP_PORT": str(free_port()),
+                "STOCKADE_HTTP_PORT": str(http_port),
                 "STOCKADE_DICOM_WORKERS": str(self.workers),
             }
             if self.database_url:
@@ -188,6 +190,7 @@ class Stockade(Target):
                 count_stopped=verify,
                 database_process="postgres" if self.database_url else None,
                 notes=notes,
+                http_port=http_port,
             )
 
 
@@ -369,6 +372,7 @@ class Orthanc(Target):
                 service,
                 count_running=count,
                 notes={"startup_s": f"{started:.1f}"},
+                http_port=http_port,
             )
 
 
