@@ -261,7 +261,18 @@ def _level(values: dict[str, str | None]) -> Level:
 
 
 def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + BASE
+    """The DICOMweb base URL of *request*, for BulkDataURIs.
+
+    The host comes from the ``Host`` header. When that header has no port but the
+    connection came to a non-default one, the port of the socket is added: dicomweb-client
+    sends ``Host`` without its port (RFC 9110 7.2 wants it), and Stockade serves no proxy
+    headers, so the socket's port is the one the client used.
+    """
+    url = request.base_url
+    server = request.scope.get("server")
+    if url.port is None and server and server[1] not in (None, 80 if url.scheme == "http" else 443):
+        url = url.replace(port=int(server[1]))
+    return str(url).rstrip("/") + BASE
 
 
 def _not_found(level: Level, values: dict[str, str | None]) -> NotFound:
