@@ -128,8 +128,8 @@ def parse(
                 raise InvalidQuery("fuzzymatching must be true or false")
             continue
         keyword = keyword_of(name)
-        if len(given) > 1:
-            raise InvalidQuery(f"{name} is given more than once")
+        if len(given) > 1 or (keyword in values and keyword not in fixed):
+            raise InvalidQuery(f"{keyword} is given more than once")
         if keyword in fixed:
             raise InvalidQuery(f"{keyword} is already fixed by the URL")
         values[keyword] = given[0]

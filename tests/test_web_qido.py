@@ -1,0 +1,88 @@
+"""QIDO-RS routes in-process (Starlette's test client) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pydicom.uid import generate_uid
+from starlette.testclient import TestClient
+
+from stockade.archive import Archive
+from stockade.audit.events import QueryPerformed
+from stockade.audit.sink import MemoryAuditSink
+from stockade.ingest import Origin
+from stockade.web.app import create_app
+from stockade.web.dicomjson import attribute, row_to_json
+from tests.dicomfactory import make_dataset, part10
+
+
+def test_dicom_json_values() -> None:
+    assert attribute("PN", "Yamada^Tarou=山田^太郎") == {
+        "vr": "PN",
+        "Value": [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎"}],
+    }
+    assert attribute("IS", 7) == {"vr": "IS", "Value": [7]}
+    assert attribute("CS", "CT\\MR") == {"vr": "CS", "Value": ["CT", "MR"]}
+    assert attribute("LO", None) == {"vr": "LO"}
+    assert list(row_to_json({"StudyInstanceUID": "1.2", "PatientID": "P"})) == [
+        "00100020",
+        "0020000D",
+    ]
+
+
+def _store(archive: Archive, count: int) -> str:
+    study = generate_uid()
+    for number in range(1, count + 1):
+        ds = make_dataset(
+            StudyInstanceUID=study, InstanceNumber=number, PatientName="Doe^Jane", PatientID="Q1"
+        )
+        archive.store_file(part10(ds), Origin(via="import"))
+    return study
+
+
+def test_search_levels_fields_and_audit(archive: Archive, audit: MemoryAuditSink) -> None:
+    study = _store(archive, 3)
+    client = TestClient(create_app(archive), client=("127.0.0.9", 50000))
+    found = client.get("/dicomweb/studies", params={"00100020": "Q1", "includefield": "all"})
+    assert found.status_code == 200
+    (item,) = found.json()
+    assert item["0020000D"]["Value"] == [study]
+    assert item["00201208"]["Value"] == [3]
+    assert item["00201200"]["Value"] == [1]  # NumberOfPatientRelatedStudies, from "all"
+    assert item["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{study}")
+    assert list(item) == sorted(item)
+    instances = client.get(f"/dicomweb/studies/{study}/instances", params={"limit": "2"})
+    assert len(instances.json()) == 2
+    assert "additional results" in instances.headers["warning"]
+    rest = client.get(f"/dicomweb/studies/{study}/instances", params={"offset": "2"})
+    assert len(rest.json()) == 1 and "warning" not in rest.headers
+    queries = [e for e in audit.events if isinstance(e, QueryPerformed)]
+    assert queries[0].actor.via == "web" and queries[0].actor.address == "127.0.0.9"
+    assert queries[0].keys == {"PatientID": "Q1"} and queries[0].matches == 1
+
+
+def test_limit_over_the_maximum_is_lowered_with_a_warning(archive: Archive) -> None:
+    _store(archive, 3)
+    archive.settings = dataclasses.replace(archive.settings, query_max_results=2)
+    client = TestClient(create_app(archive))
+    page = client.get("/dicomweb/instances", params={"limit": "10"})
+    assert len(page.json()) == 2
+    assert "lowered to the maximum page 2" in page.headers["warning"]
+
+
+def test_errors_are_problem_documents(archive: Archive) -> None:
+    client = TestClient(create_app(archive))
+    for path, params, status in (
+        ("/dicomweb/studies", {"PatientName": "a", "00100010": "b"}, 400),
+        ("/dicomweb/studies", {"includefield": "ImagePositionPatient"}, 400),
+        ("/dicomweb/studies", {"offset": "1e3"}, 400),
+        ("/dicomweb/studies", {"fuzzymatching": "maybe"}, 400),
+        ("/dicomweb/studies/1.2..3/series", {}, 400),
+        ("/dicomweb/nowhere", {}, 404),
+    ):
+        response = client.get(path, params=params)
+        assert response.status_code == status, (path, params, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.json()["status"] == status
+    assert client.post("/dicomweb/studies/1.2/series").status_code == 405
