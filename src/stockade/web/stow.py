@@ -9,7 +9,9 @@ The request body is read as it arrives and cut into parts by
 declared Content-Length over ``http_max_body_size`` is refused with 413 before anything is
 read, a body that grows past it is cut off with 413, each part is kept up to
 ``max_object_size``, at most :data:`~stockade.web.multipart.MAX_PARTS` parts. Each part, once
-complete, is a Part 10 file (PS3.10 7.1) that goes through the one ingest pipeline,
+complete, is a Part 10 file (PS3.10 7.1; one that starts directly with its File Meta
+Information, as pydicom writes a data set without a preamble, is given the zero preamble and
+``DICM`` first: see :func:`add_missing_preamble`) that goes through the one ingest pipeline,
 :meth:`Archive.store_file <stockade.archive.Archive.store_file>`, in a worker thread; the stored
 copy gets a zero preamble and Stockade's own File Meta (SR-20). A part is never stored twice;
 storing an instance already held (same bytes) is a success.
@@ -68,7 +70,7 @@ from starlette.routing import BaseRoute, Route
 from stockade.audit.events import InstanceRejected
 from stockade.dicom.attributes import extract
 from stockade.dicom.parse import scan
-from stockade.dicom.part10 import read_part10
+from stockade.dicom.part10 import PREFIX, ZERO_PREAMBLE, read_part10
 from stockade.dicom.tables import TRANSFER_SYNTAX_BY_UID
 from stockade.dicom.uids import uid_problem
 from stockade.errors import (
@@ -240,9 +242,24 @@ def _warning_reason(warnings: list[str]) -> int:
     return ELEMENTS_DISCARDED if any("not stored" in w for w in warnings) else COERCION
 
 
+_META_START = re.compile(rb"\x02\x00[\x00-\xff]{2}[A-Z]{2}")
+
+
+def add_missing_preamble(data: bytearray) -> None:
+    """Give a part that starts with its File Meta Information (no preamble, no ``DICM``) the
+    128 zero bytes and prefix of PS3.10 7.1, in place.
+
+    pydicom writes a data set without a preamble that way, so dicomweb-client sends data
+    sets built in memory so; everything after the prefix is still checked by ingest.
+    """
+    if data[128:132] != PREFIX and _META_START.match(data):
+        data[0:0] = ZERO_PREAMBLE + PREFIX
+
+
 def store_part(archive: Archive, data: bytearray, origin: Origin, study: str | None) -> Outcome:
     """Store one complete part (runs in a worker thread): check the study of the URL first,
     then the one ingest pipeline."""
+    add_missing_preamble(data)
     known = Identity()
     try:
         if study is not None:
@@ -404,6 +421,20 @@ def _stopped(exc: StockadeError, outcomes: list[Outcome]) -> Response:
     return Response(json.dumps(body), status_code=exc.http_status, media_type=PROBLEM)
 
 
+def base_url(request: Request) -> str:
+    """The DICOMweb base URL the client used, for Retrieve URLs (PS3.18 10.5.3).
+
+    dicomweb-client sends ``Host`` without its port (RFC 9110 7.2 wants it); Stockade serves
+    no proxy headers, so the port of the socket is the one the client used (as WADO-RS does).
+    """
+    url = request.base_url
+    server = request.scope.get("server")
+    default = 80 if url.scheme == "http" else 443
+    if url.port is None and server and server[1] not in (None, default):
+        url = url.replace(port=int(server[1]))
+    return str(url).rstrip("/") + BASE
+
+
 async def store(request: Request) -> Response:
     """``POST /studies[/{study}]``: store the instances of a multipart request (PS3.18
     10.5), one part at a time as the body arrives."""
@@ -434,7 +465,7 @@ async def store(request: Request) -> Response:
         return _stopped(exc, outcomes)
     if not outcomes:
         raise MalformedMultipart("the request carries no instances")
-    base = str(request.base_url).rstrip("/") + BASE
+    base = base_url(request)
     failed = sum(not o.stored for o in outcomes)
     warned = any(o.stored and o.reasons for o in outcomes)
     if failed == len(outcomes):

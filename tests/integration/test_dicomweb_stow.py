@@ -1,0 +1,180 @@
+"""STOW-RS against a real ``stockade serve``, with dicomweb-client as the sender.
+
+What is stored must be what was sent (the data set bytes behind Stockade's own File Meta),
+``stockade verify`` must find every blob intact, an instance of another study sent to
+``/studies/{study}`` must fail alone with 0xA900, and an upload whose declared size is over
+``http_max_body_size`` must be refused with 413 before its body is sent.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from tests.conftest import database
+
+from .conftest import (
+    HOST,
+    StockadeServer,
+    assert_index_matches_storage,
+    assert_verify_intact,
+    ct_dataset,
+    dataset_offset,
+)
+
+BODY_LIMIT = 4 * 1024 * 1024
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StockadeServer]:
+    root = tmp_path_factory.mktemp(f"stow-{request.param}")
+    with database(request.param, root) as url:
+        srv = StockadeServer(
+            root, db_url=url, settings={"STOCKADE_HTTP_MAX_BODY_SIZE": str(BODY_LIMIT)}
+        )
+        srv.start()
+        try:
+            wait_http(srv)
+            yield srv
+        finally:
+            if srv.proc is not None:
+                srv.stop()
+
+
+def wait_http(server: StockadeServer, timeout: float = 30) -> None:
+    """Poll (bounded) until the HTTP listener answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.dicomweb}/studies", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)  # readiness polling only
+    pytest.fail(f"DICOMweb did not answer within {timeout} s\n{server.log_tail()}")
+
+
+def study(count: int, seed: int = 1) -> list[Dataset]:
+    """*count* CT instances of one new study, as built in memory (no preamble)."""
+    rng = np.random.default_rng(seed)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    return [
+        ct_dataset(
+            generate_uid(), study_uid, series_uid, size=64, number=i + 1, rng=rng, patient_id="W1"
+        )
+        for i in range(count)
+    ]
+
+
+def encoded_dataset(ds: Dataset) -> bytes:
+    """The data set bytes dicomweb-client sends (it writes the file with pydicom)."""
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds)
+    raw = buf.getvalue()
+    if raw[128:132] != b"DICM":  # no preamble: File Meta first (pydicom without a preamble)
+        raw = bytes(128) + b"DICM" + raw
+    return raw[dataset_offset(raw) :]
+
+
+def test_store_a_study_and_the_bytes_are_what_was_sent(server: StockadeServer) -> None:
+    datasets = study(5)
+    sent = {ds.SOPInstanceUID: encoded_dataset(ds) for ds in datasets}
+    client = DICOMwebClient(url=server.dicomweb)
+    answer = client.store_instances(datasets)
+    assert "FailedSOPSequence" not in answer
+    assert {item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence} == set(sent)
+    study_uid = datasets[0].StudyInstanceUID
+    assert answer.RetrieveURL == f"{server.dicomweb}/studies/{study_uid}"
+
+    rows = assert_index_matches_storage(server)
+    assert {row.sop_uid for row in rows} == set(sent)
+    files = server.blob_files()
+    for row in rows:
+        stored = files[row.blob_key].read_bytes()
+        assert stored[:128] == bytes(128)
+        assert stored[dataset_offset(stored) :] == sent[row.sop_uid]
+        assert row.trailing_bytes == 0
+    assert_verify_intact(server, 5)
+
+    # The same study again: duplicates are successes, nothing new is stored.
+    again = client.store_instances(datasets)
+    assert len(again.ReferencedSOPSequence) == 5
+    assert server.count() == 5
+    stored_events = [e for e in server.audit() if e.get("type") == "InstanceStored"]
+    assert stored_events, "no InstanceStored audit record"
+
+
+def test_instance_of_another_study_fails_alone(server: StockadeServer) -> None:
+    mine = study(2, seed=2)
+    foreign = study(1, seed=3)
+    client = DICOMwebClient(url=server.dicomweb)
+    answer = client.store_instances([*mine, *foreign], study_instance_uid=mine[0].StudyInstanceUID)
+    (failed,) = answer.FailedSOPSequence
+    assert failed.ReferencedSOPInstanceUID == foreign[0].SOPInstanceUID
+    assert failed.FailureReason == 0xA900
+    assert "study instance UID mismatch" in failed[0x00091001].value
+    assert len(answer.ReferencedSOPSequence) == 2
+    assert {row.sop_uid for row in server.rows()} == {ds.SOPInstanceUID for ds in mine}
+    assert_verify_intact(server, 2)
+
+
+@pytest.mark.parametrize("expect_continue", [False, True])
+def test_too_large_upload_is_refused_before_its_body(
+    server: StockadeServer, expect_continue: bool
+) -> None:
+    port = int(server.dicomweb.split(":")[2].split("/")[0])
+    head = (
+        "POST /dicomweb/studies HTTP/1.1\r\n"
+        f"Host: {HOST}:{port}\r\n"
+        'Content-Type: multipart/related; type="application/dicom"; boundary=x\r\n'
+        f"Content-Length: {10 * 1024**3}\r\n"
+        + ("Expect: 100-continue\r\n" if expect_continue else "")
+        + "\r\n"
+    )
+    started = time.monotonic()
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(head.encode())  # the 10 GiB body is never sent
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed without an answer: {answer!r}"
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"100 Continue" not in answer
+    assert time.monotonic() - started < 5
+    assert server.count() == 0
+
+
+def test_chunked_upload_over_the_limit_is_413(server: StockadeServer) -> None:
+    """A body without Content-Length that grows past http_max_body_size is cut off."""
+    chunk = b"\x00" * 65536
+
+    def body() -> Iterator[bytes]:
+        yield b"--x\r\nContent-Type: application/dicom\r\n\r\n"
+        for _ in range(BODY_LIMIT // len(chunk) + 4):
+            yield chunk
+
+    try:
+        response = httpx.post(
+            f"{server.dicomweb}/studies",
+            content=body(),
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'},
+            timeout=30,
+        )
+    except httpx.TransportError:
+        pytest.skip("the server closed the connection before the client read the answer")
+    assert response.status_code == 413, response.text
+    assert "http_max_body_size" in response.json()["detail"]
+    assert server.count() == 0
