@@ -97,7 +97,7 @@ THUMBNAIL_SERIES_TRIED = 8
 MAX_FRAME = 2**31 - 1
 _PIXEL_DATA = 0x7FE00010
 _DECIMAL = re.compile(r"[+-]?(?:\d{1,15}(?:\.\d{0,15})?|\.\d{1,15})(?:[eE][+-]?\d{1,3})?")
-_INTEGER = re.compile(r"[+-]?\d{1,9}")
+_INTEGER = re.compile(r"[+-]?\d{1,10}")
 _FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}
 _ANNOTATIONS = frozenset({"patient", "technique"})
 
