@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.parser
 import email.policy
 import io
@@ -422,3 +424,47 @@ def test_bulkdata_errors(client: TestClient, archive: Archive) -> None:
     assert r.status_code == 406
     [(_, value)] = parts(client.get(base + "7FE00010"))
     assert value == bytes(range(32))
+
+
+def test_a_client_that_goes_away_still_ends_the_retrieval(
+    archive: Archive, audit: MemoryAuditSink
+) -> None:
+    """The stream stops at the first failed send; the audit record says cancelled."""
+    study = generate_uid()
+    for number in (1, 2, 3):
+        store_ds(archive, StudyInstanceUID=study, InstanceNumber=number)
+    app = create_app(archive)
+    sent: list[dict[str, Any]] = []
+    path = f"/dicomweb/studies/{study}"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and len(sent) > 2:
+            raise OSError("connection reset by peer")
+        sent.append(message)
+
+    async def run() -> None:
+        with contextlib.suppress(Exception):
+            await app(scope, receive, send)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert sent[0]["status"] == 200
+    event = retrievals(audit)[-1]
+    assert (event.located, event.cancelled, event.outcome) == (3, True, "failure")
+    assert event.completed < 3
