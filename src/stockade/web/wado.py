@@ -102,6 +102,7 @@ FRAME_MEDIA: dict[str, frozenset[str]] = {
 }
 #: Native transfer syntaxes whose stored bytes can be sliced as they are (little endian).
 _NATIVE_LE = frozenset({EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN})
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data (PS3.3 C.7.6.3), first found wins.
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 #: Longest ``Accept`` header read, and most media ranges taken from it.
 MAX_ACCEPT = 4096
