@@ -13,6 +13,9 @@ import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
 from stockade.archive import Archive
+from stockade.audit.events import InstanceRejected
+from stockade.audit.sink import MemoryAuditSink
+from stockade.dicom.part10 import read_part10
 from stockade.web.app import create_app
 from stockade.web.stow import media_type
 from tests.dicomfactory import make_dataset, part10
@@ -110,7 +113,9 @@ def test_all_stored_is_200_and_a_duplicate_is_a_success(
     assert archive.counts()["instances"] == 2
 
 
-def test_study_mismatch_is_refused_before_storing(client: TestClient, archive: Archive) -> None:
+def test_study_mismatch_is_refused_before_storing(
+    client: TestClient, archive: Archive, audit: MemoryAuditSink
+) -> None:
     mine = make_dataset()
     foreign = make_dataset()
     response = post(
@@ -128,6 +133,33 @@ def test_study_mismatch_is_refused_before_storing(client: TestClient, archive: A
     assert values(junk, FAILURE_REASON) == [0xA900]
     assert archive.find_instance(foreign.SOPInstanceUID) is None
     assert archive.counts()["instances"] == 1
+    rejected = [e for e in audit.events if isinstance(e, InstanceRejected)]
+    assert [e.code for e in rejected] == ["study-mismatch", "study-mismatch"]
+    assert rejected[0].sop_instance_uid == foreign.SOPInstanceUID
+
+
+def test_part_without_preamble_as_pydicom_writes_it(client: TestClient, archive: Archive) -> None:
+    ds = make_dataset()
+    full = part10(ds)
+    raw = full[132:]  # File Meta first, no preamble, no DICM
+    dataset = full[read_part10(full).dataset_offset :]
+    response = post(client, multipart([raw]))
+    assert response.status_code == 200, response.text
+    stored = archive.find_instance(ds.SOPInstanceUID)
+    assert stored is not None
+    with archive.store.open(stored.blob_key) as fh:
+        blob = fh.read()
+    assert blob[:132] == bytes(128) + b"DICM"
+    assert blob.endswith(dataset)  # the data set as sent
+
+
+def test_part_with_unparsable_content_type_fails_alone(
+    client: TestClient, archive: Archive
+) -> None:
+    response = post(client, multipart([part10(make_dataset())], 'application/dicom; x="'))
+    assert response.status_code == 409, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert "Content-Type" in values(failed, PRIVATE_REASON)[0]
 
 
 def test_bad_study_uid_in_url(client: TestClient) -> None:

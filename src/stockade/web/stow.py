@@ -169,7 +169,12 @@ def _keep(headers: Mapping[str, str]) -> bool:
     """Whether a part is DICOM (a part without Content-Type takes the ``type`` parameter,
     RFC 2387 3.1)."""
     given = headers.get("content-type")
-    return given is None or media_type(given)[0] == DICOM_MEDIA_TYPE
+    if given is None:
+        return True
+    try:
+        return media_type(given)[0] == DICOM_MEDIA_TYPE
+    except MalformedMultipart:
+        return False  # that part fails alone
 
 
 @dataclass(frozen=True)
