@@ -187,6 +187,18 @@ def test_rgb_keeps_its_colours(archive: Archive, client: TestClient, name: str) 
     assert np.array_equal(rendered, ds.pixel_array.astype(np.int32))
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["SC_ybr_full_uncompressed.dcm", "SC_ybr_full_422_uncompressed.dcm", "SC_rgb_jpeg_dcmtk.dcm"],
+)
+def test_ybr_is_rendered_as_rgb(archive: Archive, client: TestClient, name: str) -> None:
+    ds = _store_file(archive, name)
+    rendered = _png(client, _url(ds))
+    expected = ds.pixel_array.astype(np.float64)  # pydicom converts YBR to RGB by default
+    assert rendered.shape == (ds.Rows, ds.Columns, 3)
+    assert int(np.abs(rendered - expected).max()) <= 2
+
+
 def test_palette_colour_goes_through_its_lookup_tables(
     archive: Archive, client: TestClient
 ) -> None:
