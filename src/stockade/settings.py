@@ -208,6 +208,14 @@ DECLARED: tuple[Declared, ...] = (
     ),
     Declared("http_port", int, 8080, "TCP port of the HTTP listener.", _port),
     Declared(
+        "http_workers",
+        int,
+        0,
+        "HTTP worker processes sharing the HTTP listening socket; 0 means one per CPU core "
+        "(at most 8).",
+        _non_negative,
+    ),
+    Declared(
         "http_max_body_size",
         int,
         2 * GiB,
@@ -247,6 +255,7 @@ class Settings:
     http_enabled: bool
     http_host: str
     http_port: int
+    http_workers: int
     http_max_body_size: int
     log_level: str
 
@@ -262,6 +271,13 @@ class Settings:
         """DIMSE worker processes to start."""
         if self.dicom_workers:
             return self.dicom_workers
+        return max(1, min(os.cpu_count() or 1, 8))
+
+    @property
+    def http_worker_count(self) -> int:
+        """HTTP worker processes to start."""
+        if self.http_workers:
+            return self.http_workers
         return max(1, min(os.cpu_count() or 1, 8))
 
     @property

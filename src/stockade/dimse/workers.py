@@ -114,7 +114,7 @@ def serve(settings: Settings, config_file: Path | None) -> int:
         if workers == 1 and http is None:
             serve_in_process(settings, listener)
             return 0
-        return _supervise(config_file, listener, workers, http)
+        return _supervise(config_file, listener, workers, http, settings.http_worker_count)
     finally:
         audit.stopped("dimse")
         audit.close()
@@ -128,11 +128,15 @@ def _spawn(config_file: Path | None, module: str, fd: int) -> subprocess.Popen[b
 
 
 def _supervise(
-    config_file: Path | None, listener: socket.socket, count: int, http: socket.socket | None
+    config_file: Path | None,
+    listener: socket.socket,
+    count: int,
+    http: socket.socket | None,
+    http_count: int,
 ) -> int:
     kinds = [("stockade.dimse.workers", listener.fileno())] * count
     if http is not None:
-        kinds.append(("stockade.web.server", http.fileno()))
+        kinds += [("stockade.web.server", http.fileno())] * http_count
     children = [_spawn(config_file, module, fd) for module, fd in kinds]
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)

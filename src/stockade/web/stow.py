@@ -54,9 +54,11 @@ Instance UIDs already stored: they stay stored, like any acknowledged instance.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import zlib
+from collections import deque
 from collections.abc import Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -136,6 +138,11 @@ class StudyMismatch(DatasetMismatch):
     """An instance sent to ``/studies/{study}`` belongs to another study (0xA900)."""
 
     code = "study-mismatch"
+
+
+#: Parts stored at once while the request is still arriving, and the most bytes they hold.
+STORE_AHEAD = 4
+STORE_AHEAD_BYTES = 256 * 1024 * 1024
 
 
 def media_type(value: str) -> tuple[str, dict[str, str]]:
@@ -455,19 +462,43 @@ async def store(request: Request) -> Response:
     origin = Origin(via="web", address=client.host if client else None)
     parser = MultipartParser(boundary, max_part_size=settings.max_object_size, keep=_keep)
     outcomes: list[Outcome] = []
+    # Parts are stored while the next ones arrive, a few at once (their fsyncs and index
+    # commits then overlap: group commit), in order; at most STORE_AHEAD parts and
+    # STORE_AHEAD_BYTES of them are held.
+    pending: deque[tuple[asyncio.Future[Outcome], int]] = deque()
+    held = 0
+
+    async def settle(room: int, size: int) -> None:
+        nonlocal held
+        while pending and (len(pending) >= room or held + size > STORE_AHEAD_BYTES):
+            future, length = pending.popleft()
+            outcomes.append(await future)
+            held -= length
+
     try:
         parts = read_parts(request.stream(), parser, settings.http_max_body_size)
         async with aclosing(parts):
             async for part in parts:
                 refused = _refused(part, settings.max_object_size)
                 if refused is not None:
+                    await settle(1, 0)
                     outcomes.append(refused)
                     continue
                 body, part.body = part.body, bytearray()
-                outcomes.append(await run_in_threadpool(store_part, archive, body, origin, study))
+                await settle(STORE_AHEAD, len(body))
+                future = asyncio.ensure_future(
+                    run_in_threadpool(store_part, archive, body, origin, study)
+                )
+                pending.append((future, len(body)))
+                held += len(body)
                 del body
+        await settle(1, 0)
     except (MalformedMultipart, ObjectTooLarge) as exc:
+        await settle(1, 0)
         return _stopped(exc, outcomes)
+    finally:
+        for unfinished, _length in pending:  # the client went away: let the stores finish
+            await asyncio.shield(unfinished)
     if not outcomes:
         raise MalformedMultipart("the request carries no instances")
     base = base_url(request)
