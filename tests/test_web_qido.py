@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from pydicom.uid import generate_uid
 from starlette.testclient import TestClient
@@ -86,3 +87,29 @@ def test_errors_are_problem_documents(archive: Archive) -> None:
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.json()["status"] == status
     assert client.post("/dicomweb/studies/1.2/series").status_code == 405
+
+
+def test_capabilities_list_every_route(archive: Archive) -> None:
+    app = create_app(archive)
+    client = TestClient(app)
+    for method in ("OPTIONS", "GET"):
+        response = client.request(method, "/dicomweb")
+        assert response.status_code == 200
+        document = response.json()
+        paths = {r["path"]: r["methods"] for r in document["resources"]}
+        assert paths["/dicomweb/studies"] == ["GET", "POST"] or set(paths["/dicomweb/studies"])
+        for expected in (
+            "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+            "/dicomweb/studies/{study}/metadata",
+            "/dicomweb/studies/{study}/thumbnail",
+            "/dicomweb/wado",
+        ):
+            assert expected in paths, sorted(paths)
+        assert set(document["mediaTypes"]) == {"QIDO-RS", "WADO-RS", "STOW-RS", "WADO-URI"}
+    doc = (
+        Path(__file__).resolve().parent.parent / "docs" / "conformance" / "dicomweb.md"
+    ).read_text()
+    missing = [
+        p for p in paths if f"`{p.removeprefix('/dicomweb')}`" not in doc and p != "/dicomweb"
+    ]
+    assert not missing, f"resources not in docs/conformance/dicomweb.md: {missing}"

@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.audit.events import Actor
@@ -124,11 +124,54 @@ def dicomweb_routes() -> list[BaseRoute]:
     return [*qido.ROUTES, *wado.ROUTES, *render.ROUTES, *stow.ROUTES, *uri.ROUTES]
 
 
+#: Media types per service, for the capabilities document.
+MEDIA_TYPES = {
+    "QIDO-RS": ["application/dicom+json"],
+    "WADO-RS": [
+        'multipart/related; type="application/dicom"',
+        "application/dicom+json",
+        'multipart/related; type="application/octet-stream"',
+        "image/jpeg",
+        "image/png",
+        "image/gif",
+    ],
+    "STOW-RS": ['multipart/related; type="application/dicom"', "application/dicom+json"],
+    "WADO-URI": ["application/dicom", "image/jpeg", "image/png", "image/gif"],
+}
+
+
+def capabilities(routes: list[BaseRoute]) -> dict[str, Any]:
+    """The capabilities document (PS3.18 8.9, as JSON rather than WADL): every resource with
+    its methods, and the media types of each service. Built from the route table."""
+    resources = []
+    for route in routes:
+        path = getattr(route, "path", None)
+        methods = sorted(m for m in getattr(route, "methods", None) or () if m != "HEAD")
+        if path:
+            resources.append({"path": BASE + path, "methods": methods})
+    return {
+        "service": "Stockade DICOMweb",
+        "base": BASE,
+        "resources": resources,
+        "mediaTypes": MEDIA_TYPES,
+        "conformance": "docs/conformance/dicomweb.md",
+    }
+
+
 def create_app(archive: Archive) -> Starlette:
     """The application serving *archive*."""
     handlers: dict[Any, Any] = {StockadeError: problem, HTTPException: problem, Exception: problem}
+    routes = dicomweb_routes()
+    document = json.dumps(capabilities(routes))
+
+    async def options(_request: Request) -> Response:
+        return Response(document, media_type="application/json", headers={"Allow": "OPTIONS, GET"})
+
     app = Starlette(
-        routes=[Mount(BASE, routes=dicomweb_routes())],
+        routes=[
+            Route(BASE, options, methods=["OPTIONS", "GET"]),
+            Mount(BASE, routes=routes),
+        ],
         exception_handlers=handlers,
     )
     app.state.archive = archive
