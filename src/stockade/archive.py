@@ -43,6 +43,8 @@ from stockade.storage.base import BlobStore, RecoveryReport
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SERVICES", "Archive", "Node", "Peer", "VerifyReport"]
+
 #: DIMSE services a node may be allowed to use.
 SERVICES = frozenset({"echo", "store", "find", "get", "move"})
 

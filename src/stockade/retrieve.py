@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Adapters take the instance model from here, never from ``index/`` (architecture).
+__all__ = ["Retrieval", "StoredInstance", "refused", "retrieve_query"]
+
 
 def retrieve_query(level: Level, values: Mapping[str, str | None], *, limit: int) -> Query:
     """The query of a retrieve identifier (PS3.4 C.4.2.2.1, C.4.3.2.1).

@@ -34,8 +34,8 @@ from stockade.dimse.commands import Command, Tag, error_comment
 from stockade.dimse.find import decode_identifier, query_of
 from stockade.dimse.requestor import MAX_CONTEXTS, AssociationFailed, Proposal, Requestor, connect
 from stockade.errors import CannotTranscode, IntegrityError, NotFound, StockadeError
-from stockade.index.base import StoredInstance
 from stockade.query import LEVEL_ORDER
+from stockade.retrieve import StoredInstance
 
 if TYPE_CHECKING:
     from stockade.archive import Archive, Peer

@@ -42,8 +42,7 @@ from stockade.errors import InvalidQuery, StockadeError
 from stockade.ingest import Receiving
 
 if TYPE_CHECKING:
-    from stockade.archive import Archive, Peer
-    from stockade.index.base import Node
+    from stockade.archive import Archive, Node, Peer
 
 log = logging.getLogger(__name__)
 

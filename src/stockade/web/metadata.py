@@ -32,8 +32,7 @@ from pydicom.dataset import Dataset
 from stockade.errors import StockadeError
 
 if TYPE_CHECKING:
-    from stockade.index.base import StoredInstance
-    from stockade.retrieve import Retrieval
+    from stockade.retrieve import Retrieval, StoredInstance
 
 log = logging.getLogger(__name__)
 

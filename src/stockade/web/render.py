@@ -66,8 +66,7 @@ from stockade.errors import CannotTranscode, InvalidQuery, NotFound, StockadeErr
 from stockade.web.app import actor_of, archive_of
 
 if TYPE_CHECKING:
-    from stockade.index.base import StoredInstance
-    from stockade.retrieve import Retrieval
+    from stockade.retrieve import Retrieval, StoredInstance
 
 __all__ = [
     "MAX_VIEWPORT",

@@ -39,8 +39,7 @@ from stockade.dicom.part10 import ZERO_PREAMBLE, file_header
 from stockade.dicom.tables import EXPLICIT_VR_LITTLE_ENDIAN
 from stockade.dicom.uids import uid_problem
 from stockade.errors import InvalidQuery, NotFound, StockadeError
-from stockade.index.base import StoredInstance
-from stockade.retrieve import Retrieval
+from stockade.retrieve import Retrieval, StoredInstance
 from stockade.web import render
 from stockade.web.app import actor_of, archive_of
 

@@ -74,7 +74,7 @@ from stockade.web.app import BASE, actor_of, archive_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE
 
 if TYPE_CHECKING:  # types only: adapters never use index/ (docs/architecture.md)
-    from stockade.index.base import StoredInstance
+    from stockade.retrieve import StoredInstance
 
 __all__ = ["ROUTES", "MediaRange", "NotAcceptable", "dicom_candidates", "parse_accept"]
 
