@@ -14,6 +14,11 @@ with ``--database-url``; a fresh Orthanc) and measures, with httpx as the client
   (default 50) instances each, one after the other; instances/s = N / wall time;
 - STOW-RS, four connections: each study's instances on its own connection, the four in
   parallel (on a second fresh archive);
+- series metadata (``--metadata``, default 1,000): one series of small CT instances
+  (pydicom's CT_small header, 16 x 16 pixels) stored with STOW-RS, then ``GET
+  /studies/{uid}/series/{uid}/metadata`` timed once (the first request) and 20 times more
+  (median), from sending the request to the last byte of the answer (the JSON is parsed
+  and its length checked outside the timed part);
 - WADO-RS: each study retrieved with ``GET /studies/{uid}`` and ``Accept: multipart/related;
   type="application/dicom"`` on one connection, the body streamed and discarded;
   instances/s = N / wall time; the parts are counted.
@@ -27,6 +32,7 @@ Figures are medians over ``--runs``; logs are kept in ``bench/.work/dicomweb/<st
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import threading
@@ -186,6 +192,62 @@ def run_once(
     return result
 
 
+def one_series(count: int) -> tuple[str, str, list[bytes]]:
+    """*count* small CT instances of one series (pydicom's CT_small header, 16 x 16 pixels):
+    (study UID, series UID, Part 10 files)."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    template = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
+    template.Rows = template.Columns = 16
+    template.preamble = bytes(128)
+    template.PixelData = bytes(16 * 16 * 2)
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for number in range(1, count + 1):
+        template.StudyInstanceUID, template.SeriesInstanceUID = study, series
+        template.SOPInstanceUID = generate_uid()
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        template.InstanceNumber = number
+        buffer = BytesIO()
+        template.save_as(buffer, enforce_file_format=True)
+        out.append(buffer.getvalue())
+    return study, series, out
+
+
+def series_metadata(target: Target, run_dir: Path, count: int, repeats: int) -> tuple[float, float]:
+    """Store one series of *count* instances, then time ``GET .../metadata`` of it: the
+    first request (cold: built from the files) and the median of *repeats* more (warm)."""
+    study, series, files = one_series(count)
+    with target.session(run_dir) as session:
+        url = base_url(target, session)
+        batches = []
+        for start in range(0, len(files), 100):
+            batch = b"".join(
+                f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n"
+                for f in files[start : start + 100]
+            )
+            batches.append(batch + f"--{BOUNDARY}--\r\n".encode())
+        stow(url, batches)
+        times = []
+        with httpx.Client(timeout=600) as client:
+            for _ in range(repeats + 1):
+                started = time.perf_counter()
+                response = client.get(
+                    f"{url}/studies/{study}/series/{series}/metadata",
+                    headers={"Accept": "application/dicom+json"},
+                )
+                raw = response.content
+                times.append((time.perf_counter() - started) * 1000)
+                body = json.loads(raw)  # checked outside the timed part
+                if response.status_code != 200 or len(body) != count:
+                    raise BenchError(f"metadata: {response.status_code}, {len(body)} items")
+    return times[0], statistics.median(times[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dicomweb", description=__doc__)
     parser.add_argument("--instances", type=int, default=2000)
@@ -193,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--targets", default="stockade,orthanc")
+    parser.add_argument(
+        "--metadata",
+        type=int,
+        default=1000,
+        help="instances of the series whose metadata is timed (0: skip)",
+    )
     args = parser.parse_args(argv)
     data = generate(args.instances)
     warm_cache(data)
@@ -234,6 +302,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| ratio | {a['stow1'] / b['stow1']:.2f}x | {a['stow4'] / b['stow4']:.2f}x "
             f"| {a['wado'] / b['wado']:.2f}x |"
         )
+    if args.metadata:
+        print()
+        print(
+            f"| target | series metadata, {args.metadata} instances: first | then (median of 20) |"
+        )
+        print("|---|---:|---:|")
+        for target in targets:
+            cold, warm = series_metadata(target, root / f"{target.key}-metadata", args.metadata, 20)
+            print(f"| {target.title} | {cold:.0f} ms | {warm:.1f} ms |")
     print(f"\nlogs: {root}")
     return 0
 
