@@ -157,6 +157,31 @@ def test_metadata_and_bulkdata(rig: Rig) -> None:
     assert instance["00280010"]["Value"] == [ds.Rows]
 
 
+def test_rendered_and_thumbnail_through_dicomweb_client(rig: Rig) -> None:
+    """dicomweb-client's rendered calls (and a plain thumbnail request) get images of the
+    stored pixels."""
+    import io
+
+    from PIL import Image
+
+    client = client_of(rig)
+    uid = next(iter(rig.ct))
+    source = pydicom.dcmread(rig.ct[uid])
+    keys = (str(source.StudyInstanceUID), str(source.SeriesInstanceUID), uid)
+    jpeg = client.retrieve_instance_rendered(*keys, media_types=("image/jpeg",))
+    png = client.retrieve_instance_rendered(
+        *keys, media_types=("image/png",), params={"window": "1000,4000"}
+    )
+    assert jpeg[:3] == b"\xff\xd8\xff" and png[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(png))
+    assert image.size == (source.Columns, source.Rows)
+    assert len(set(image.get_flattened_data())) > 10  # a picture, not a flat grey
+    url = f"{rig.server.dicomweb}/studies/{keys[0]}/series/{keys[1]}/thumbnail"
+    answer = httpx.get(url, timeout=30)  # dicomweb-client has no thumbnail call
+    assert answer.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(answer.content)).size) <= 128
+
+
 def test_jpeg2000_frame_uncompressed_and_as_stored(rig: Rig) -> None:
     client = client_of(rig)
     ds = rig.j2k
