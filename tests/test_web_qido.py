@@ -113,3 +113,38 @@ def test_capabilities_list_every_route(archive: Archive) -> None:
         p for p in paths if f"`{p.removeprefix('/dicomweb')}`" not in doc and p != "/dicomweb"
     ]
     assert not missing, f"resources not in docs/conformance/dicomweb.md: {missing}"
+
+
+def test_cors_only_for_configured_origins(archive: Archive) -> None:
+    """No CORS grant by default; with explicit origins, those and only those (SR-3)."""
+    plain = TestClient(create_app(archive))
+    foreign = {"Origin": "https://evil.example"}
+    assert (
+        "access-control-allow-origin" not in plain.get("/dicomweb/studies", headers=foreign).headers
+    )
+    archive.settings = dataclasses.replace(
+        archive.settings, http_cors_origins="https://viewer.example, http://127.0.0.1:3000"
+    )
+    client = TestClient(create_app(archive))
+    allowed = client.get("/dicomweb/studies", headers={"Origin": "https://viewer.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://viewer.example"
+    assert "access-control-allow-credentials" not in allowed.headers
+    refused = client.get("/dicomweb/studies", headers=foreign)
+    assert "access-control-allow-origin" not in refused.headers
+    preflight = client.options(
+        "/dicomweb/studies",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_origins_setting_is_validated() -> None:
+    import pytest
+
+    from stockade.errors import ConfigError
+    from stockade.settings import load
+
+    for bad in ("*", "https://viewer.example/path", "viewer.example"):
+        with pytest.raises(ConfigError, match="http_cors_origins"):
+            load(environ={}, overrides={"http_cors_origins": bad})
+    assert load(environ={}, overrides={"http_cors_origins": "https://a.example:8443"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -64,6 +65,26 @@ def _pdu(value: int) -> str | None:
     # PS3.8 9.3.1: the maximum length notified must leave room for the PDV header; we keep a
     # floor that every peer handles and a ceiling that bounds per-association memory.
     return None if 4 * KiB <= value <= 16 * MiB else "must be between 4096 and 16777216 bytes"
+
+
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?"
+)
+
+
+def cors_origins(value: str) -> tuple[str, ...]:
+    """The origins of ``http_cors_origins``."""
+    return tuple(o.strip() for o in value.split(",") if o.strip())
+
+
+def _origins(value: str) -> str | None:
+    for origin in cors_origins(value):
+        if not _ORIGIN.fullmatch(origin):
+            return (
+                f"has {origin[:64]!r}: each origin must be scheme://host[:port] "
+                "(no path, no wildcard)"
+            )
+    return None
 
 
 def _log_level(value: str) -> str | None:
@@ -216,6 +237,14 @@ DECLARED: tuple[Declared, ...] = (
         _non_negative,
     ),
     Declared(
+        "http_cors_origins",
+        str,
+        "",
+        "Origins (scheme://host[:port], comma-separated) whose pages may call DICOMweb from a "
+        "browser (CORS). Empty: no CORS header is ever sent. `*` is refused.",
+        _origins,
+    ),
+    Declared(
         "http_max_body_size",
         int,
         2 * GiB,
@@ -256,6 +285,7 @@ class Settings:
     http_host: str
     http_port: int
     http_workers: int
+    http_cors_origins: str
     http_max_body_size: int
     log_level: str
 

@@ -5,10 +5,10 @@ A thin adapter like the DIMSE one: each route turns its request into one call on
 back into HTTP. This module is the one place where core errors become HTTP answers:
 :func:`problem` turns every :class:`~stockade.errors.StockadeError` (and Starlette's own
 HTTP errors) into an RFC 9457 problem document with the error's status. Every response
-carries ``X-Content-Type-Options: nosniff``; no CORS header is ever sent (CORS is off until
-configured origins exist). Routes live in :mod:`stockade.web.qido`, :mod:`stockade.web.wado`,
-:mod:`stockade.web.render`, :mod:`stockade.web.stow` and :mod:`stockade.web.uri`, each
-exporting ``ROUTES``.
+carries ``X-Content-Type-Options: nosniff``; CORS headers are sent only to the origins
+listed in ``http_cors_origins`` (none by default, never ``*``, never with credentials).
+Routes live in :mod:`stockade.web.qido`, :mod:`stockade.web.wado`, :mod:`stockade.web.render`,
+:mod:`stockade.web.stow` and :mod:`stockade.web.uri`, each exporting ``ROUTES``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.audit.events import Actor
 from stockade.errors import StockadeError
+from stockade.settings import cors_origins
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -175,5 +177,15 @@ def create_app(archive: Archive) -> Starlette:
         exception_handlers=handlers,
     )
     app.state.archive = archive
+    origins = cors_origins(archive.settings.http_cors_origins)
+    if origins:  # explicit origins only; never "*", never with credentials
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Accept", "Content-Type"],
+            allow_credentials=False,
+            max_age=600,
+        )
     app.add_middleware(SecurityHeaders)
     return app
