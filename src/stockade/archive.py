@@ -12,6 +12,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from stockade.audit.events import (
     Actor,
@@ -528,6 +529,7 @@ class Archive:
         *,
         actor: Actor,
         build: Callable[[Retrieval, list[StoredInstance]], bytes],
+        service: str = "wado",
     ) -> bytes:
         """The metadata of a study, series or instance, as *build* makes it, per series cached.
 
@@ -563,7 +565,7 @@ class Archive:
         InvalidQuery, TooManyMatches
             See :meth:`retrieve`.
         """
-        retrieval = self.retrieve(level, values, service="wado", actor=actor)
+        retrieval = self.retrieve(level, values, service=service, actor=actor)
         try:
             if not retrieval.instances:
                 raise NotFound(f"no {level} matches {dict(retrieval.keys)}")
@@ -608,6 +610,12 @@ class Archive:
         for inst in sorted(instances, key=lambda i: i.sop_instance_uid):
             digest.update(f"\n{inst.sop_instance_uid} {inst.sha256}".encode())
         return path, f"{len(instances)}-{digest.hexdigest()}"
+
+    def updated_series(
+        self, since: datetime | None, until: datetime
+    ) -> list[tuple[str, str, datetime]]:
+        """Series of the studies updated in (*since*, *until*] (for cache warming)."""
+        return self.index.updated_series(since, until)
 
     @staticmethod
     def _metadata_cached(path: str, stamp: str) -> bytes | None:

@@ -237,6 +237,15 @@ DECLARED: tuple[Declared, ...] = (
         _non_negative,
     ),
     Declared(
+        "metadata_warm_delay",
+        float,
+        5.0,
+        "Seconds a study must stay unchanged before its series' WADO-RS metadata is built "
+        "in the background (so that a viewer's first request is served from the cache); "
+        "0 turns the background build off.",
+        _non_negative,
+    ),
+    Declared(
         "http_cors_origins",
         str,
         "",
@@ -285,6 +294,7 @@ class Settings:
     http_host: str
     http_port: int
     http_workers: int
+    metadata_warm_delay: float
     http_cors_origins: str
     http_max_body_size: int
     log_level: str

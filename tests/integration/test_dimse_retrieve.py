@@ -233,7 +233,11 @@ def pixels(ds: pydicom.Dataset) -> np.ndarray:
 
 
 def retrieved_events(rig: Rig) -> list[dict[str, object]]:
-    return [e for e in rig.server.audit() if e["type"] == "InstancesRetrieved"]
+    return [
+        e
+        for e in rig.server.audit()
+        if e["type"] == "InstancesRetrieved" and e["service"] != "cache"
+    ]
 
 
 # -- C-GET ------------------------------------------------------------------------------------

@@ -79,3 +79,36 @@ def test_a_dead_http_process_is_restarted(make_server) -> None:  # type: ignore[
     for _ in range(4):  # whichever worker takes the connection answers
         assert httpx.get(url, timeout=30).status_code == 200
     server.stop()
+
+
+def test_metadata_of_a_new_series_is_built_in_the_background(
+    make_server,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    """A series stored over C-STORE gets its WADO-RS metadata cache once its study has been
+    quiet for metadata_warm_delay; the first request is then served from it."""
+    from .conftest import storescu, write_ct_series
+
+    server: StockadeServer = make_server(settings={"STOCKADE_METADATA_WARM_DELAY": "0.5"})
+    server.start()
+    files = write_ct_series(tmp_path / "ct", 4, patient_id="WARM-1")
+    assert storescu(server.port, list(files.values())).returncode == 0
+    cache = server.data_dir / "cache" / "metadata"
+    deadline = time.monotonic() + 30
+    while not list(cache.rglob("*.json")):  # bounded wait for the background build
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.1)
+    warmed = [e for e in server.audit() if e["type"] == "InstancesRetrieved"]
+    assert [(e["service"], e["completed"], e["actor"]["via"]) for e in warmed] == [
+        ("cache", 4, "internal")
+    ]
+    import pydicom
+
+    first = pydicom.dcmread(next(iter(files.values())))
+    url = (
+        f"{server.dicomweb}/studies/{first.StudyInstanceUID}"
+        f"/series/{first.SeriesInstanceUID}/metadata"
+    )
+    answer = httpx.get(url, timeout=30)
+    assert answer.status_code == 200 and len(answer.json()) == 4
+    server.stop()

@@ -128,6 +128,11 @@ class Index(Protocol):
     def find(self, query: Query) -> Found:
         """The matches of a query (PS3.4 C.2.2.2), one page of them."""
 
+    def updated_series(
+        self, since: datetime | None, until: datetime
+    ) -> list[tuple[str, str, datetime]]:
+        """Series of the studies updated in (*since*, *until*], oldest update first."""
+
     def locate(self, query: Query) -> list[StoredInstance]:
         """The stored instances below the entities *query* matches (at most
         ``query.limit + 1``), in series and instance order: what a retrieve sends."""

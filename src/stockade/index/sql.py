@@ -390,6 +390,28 @@ class SqlIndex:
                 f"the index could not run the query ({exc.__class__.__name__})"
             ) from None
 
+    def updated_series(
+        self, since: datetime | None, until: datetime
+    ) -> list[tuple[str, str, datetime]]:
+        """(study UID, series UID, study's last update) of the series of every study
+        updated after *since* and not after *until*, oldest update first."""
+        stmt = (
+            select(studies.c.study_uid, series.c.series_uid, studies.c.updated_at)
+            .join(series, series.c.study_pk == studies.c.id)
+            .where(studies.c.updated_at <= until)
+            .order_by(studies.c.updated_at, series.c.id)
+            .limit(10_000)
+        )
+        if since is not None:
+            stmt = stmt.where(studies.c.updated_at > since)
+        try:
+            with self.engine.connect() as conn:
+                return [(r[0], r[1], r[2]) for r in conn.execute(stmt)]
+        except SQLAlchemyError as exc:
+            raise IndexFailure(
+                f"the index could not list updated series ({exc.__class__.__name__})"
+            ) from None
+
     def locate(self, query: Query) -> list[StoredInstance]:
         """The instances a retrieve at *query*'s level sends (:func:`index.query.locate`).
 

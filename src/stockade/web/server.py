@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
 import socket
 import sys
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from stockade.app import build_archive, configure_logging
-from stockade.errors import ConfigError
+from stockade.audit.events import Actor
+from stockade.dicom.attributes import Level
+from stockade.errors import ConfigError, StockadeError
 from stockade.settings import Settings, load
+from stockade.web import metadata
 from stockade.web.app import create_app
+
+if TYPE_CHECKING:
+    from stockade.archive import Archive
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +57,63 @@ def bind_http(settings: Settings) -> socket.socket:
     return sock
 
 
+class MetadataWarmer(threading.Thread):
+    """Builds the WADO-RS metadata cache of series that arrived, once their study has been
+    quiet for ``metadata_warm_delay`` seconds, whatever brought them (C-STORE, STOW-RS,
+    import): a viewer's first metadata request is then answered from the cache instead of
+    opening every file. One HTTP worker at a time does it (a lock file decides); the
+    instances are read through the one retrieve path, audited as service ``cache``."""
+
+    def __init__(self, archive: Archive, delay: float) -> None:
+        super().__init__(name="metadata-warmer", daemon=True)
+        self.archive = archive
+        self.delay = delay
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        folder = self.archive.settings.data_dir / "cache" / "metadata"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".warmer.lock", "wb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another worker warms
+            since = datetime.now(UTC)  # what arrives from now on
+            while not self.stopping.wait(min(self.delay, 2.0)):
+                since = self.warm(since)
+
+    def warm(self, since: datetime) -> datetime:
+        """Build the cache of the series of studies updated after *since* and quiet now;
+        return the newest update handled."""
+        until = datetime.now(UTC) - timedelta(seconds=self.delay)
+        try:
+            updated = self.archive.updated_series(since, until)
+        except StockadeError as exc:
+            log.warning("metadata warming: %s", exc.reason)
+            return since
+        for study, series, when in updated:
+            if self.stopping.is_set():
+                break
+            try:
+                self.archive.metadata(
+                    Level.SERIES,
+                    {"StudyInstanceUID": study, "SeriesInstanceUID": series},
+                    actor=Actor(via="internal"),
+                    build=metadata.build,
+                    service="cache",
+                )
+            except StockadeError as exc:  # gone, or too large: a request will tell
+                log.info("metadata of series %s not built: %s", series, exc.reason)
+            since = max(since, when if when.tzinfo else when.replace(tzinfo=UTC))
+        return since
+
+
 def serve_http(settings: Settings, sock: socket.socket) -> None:
     """Serve DICOMweb on *sock* until SIGTERM or SIGINT (uvicorn handles both)."""
     archive = build_archive(settings)
+    warmer = MetadataWarmer(archive, settings.metadata_warm_delay)
+    if settings.metadata_warm_delay > 0:
+        warmer.start()
     try:
         config = uvicorn.Config(
             create_app(archive),
@@ -63,6 +127,9 @@ def serve_http(settings: Settings, sock: socket.socket) -> None:
         server = uvicorn.Server(config)
         asyncio.run(server.serve(sockets=[sock]))
     finally:
+        warmer.stopping.set()
+        if warmer.is_alive():
+            warmer.join(30)
         archive.close()
 
 
