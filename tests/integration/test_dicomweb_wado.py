@@ -24,31 +24,15 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.encaps import get_frame
 
-from stockade.app import build_archive
-from stockade.ingest import Origin
-from stockade.settings import load
 from tests.conftest import database
 
 from .conftest import StockadeServer, require_dcmtk, write_ct_series
+from .fill import store_files
 
 pytestmark = pytest.mark.dcmtk  # StockadeServer.start waits for C-ECHO (echoscu)
 EXPLICIT = "1.2.840.10008.1.2.1"
 J2K = "1.2.840.10008.1.2.4.90"
 SOP_UID, PIXEL_DATA = "00080018", "7FE00010"
-
-
-def store(server: StockadeServer, paths: list[Path]) -> None:
-    """Fill the archive before it is served (``stockade import``'s path)."""
-    overrides = {"data_dir": str(server.data_dir)}
-    if server.db_url:
-        overrides["database_url"] = server.db_url
-    archive = build_archive(load(environ={}, overrides=overrides))
-    archive.prepare()
-    try:
-        for path in paths:
-            archive.store_file(path.read_bytes(), Origin(via="import"))
-    finally:
-        archive.close()
 
 
 def wait_http(server: StockadeServer, timeout: float = 30.0) -> None:
@@ -81,7 +65,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         server = StockadeServer(root, db_url=url)
         ct = write_ct_series(root / "src", 6, series_count=2, patient_id="WADO-1")
         j2k_path = Path(str(get_testdata_file("MR_small_jp2klossless.dcm")))
-        store(server, [*ct.values(), j2k_path])
+        store_files(server, [*ct.values(), j2k_path])
         first = pydicom.dcmread(next(iter(ct.values())))
         series = sorted({str(pydicom.dcmread(p).SeriesInstanceUID) for p in ct.values()})
         server.start()
@@ -224,7 +208,7 @@ def test_a_500_mb_study_streams_in_flat_memory(tmp_path: Path) -> None:
     require_dcmtk("echoscu")
     server = StockadeServer(tmp_path)
     files = write_ct_series(tmp_path / "src", 240, size=1024, patient_id="BIG-1")
-    store(server, list(files.values()))
+    store_files(server, list(files.values()))
     study = str(pydicom.dcmread(next(iter(files.values()))).StudyInstanceUID)
     total_stored = sum(p.stat().st_size for p in files.values())
     assert total_stored > 500_000_000

@@ -16,9 +16,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from stockade.app import build_archive
 from stockade.ingest import Origin
-from stockade.settings import load
 from tests.conftest import database
 from tests.dicomfactory import make_dataset, part10
 
@@ -33,6 +31,7 @@ from .conftest import (
     recv_pdu,
     require_dcmtk,
 )
+from .fill import archive_of
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 DATES = ("20231231", "20240101", "20240115", "20240131", "20240201")
@@ -87,12 +86,7 @@ def build_patients() -> list[Patient]:
 
 def populate(server: StockadeServer, patients: list[Patient]) -> None:
     """Store the archive in-process through the ingest pipeline (import path)."""
-    overrides = {"data_dir": str(server.data_dir)}
-    if server.db_url:
-        overrides["database_url"] = server.db_url
-    archive = build_archive(load(environ={}, overrides=overrides))
-    archive.prepare()
-    try:
+    with archive_of(server) as archive:
         for patient in patients:
             for study in patient.studies:
                 for series_uid, (modality, sops) in study.series.items():
@@ -110,8 +104,6 @@ def populate(server: StockadeServer, patients: list[Patient]) -> None:
                         if patient.charset:
                             ds.SpecificCharacterSet = patient.charset
                         archive.store_file(part10(ds), Origin(via="import"))
-    finally:
-        archive.close()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

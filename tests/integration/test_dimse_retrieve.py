@@ -24,9 +24,6 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from stockade.app import build_archive
-from stockade.ingest import Origin
-from stockade.settings import load
 from tests.conftest import database
 
 from .conftest import (
@@ -42,6 +39,7 @@ from .conftest import (
     require_dcmtk,
     write_ct_series,
 )
+from .fill import store_files
 
 pytestmark = pytest.mark.dcmtk
 IMPLICIT = "1.2.840.10008.1.2"
@@ -66,19 +64,6 @@ class Holdings:
     compressed: dict[str, Path] = field(default_factory=dict)  # study UID -> original file
     spare_study: str = ""
     spare_files: dict[str, Path] = field(default_factory=dict)
-
-
-def _store(server: StockadeServer, paths: list[Path]) -> None:
-    overrides = {"data_dir": str(server.data_dir)}
-    if server.db_url:
-        overrides["database_url"] = server.db_url
-    archive = build_archive(load(environ={}, overrides=overrides))
-    archive.prepare()
-    try:
-        for path in paths:
-            archive.store_file(path.read_bytes(), Origin(via="import"))
-    finally:
-        archive.close()
 
 
 @dataclass
@@ -112,7 +97,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             path = Path(str(get_testdata_file(name)))
             held.compressed[str(pydicom.dcmread(path).StudyInstanceUID)] = path
             paths.append(path)
-        _store(server, paths)
+        store_files(server, paths)
         ports = {ae: free_port() for ae in DESTINATIONS}
         nodes = [
             ("getscu", "GETSCU", 104, "echo,find,get"),

@@ -28,21 +28,30 @@ from stockade.settings import Settings, is_loopback, load
 log = logging.getLogger(__name__)
 
 
-def bind_listener(settings: Settings) -> socket.socket:
-    """Bind and listen on the DIMSE address (Nagle off on accepted sockets, see server)."""
-    family = socket.AF_INET6 if ":" in settings.dicom_host else socket.AF_INET
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on *host*:*port* that child processes may inherit.
+
+    Raises
+    ------
+    ConfigError
+        The address cannot be bound (in use, not local).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((settings.dicom_host, settings.dicom_port))
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(
-            f"cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
+
+
+def bind_listener(settings: Settings) -> socket.socket:
+    """Bind and listen on the DIMSE address (Nagle off on accepted sockets, see server)."""
+    return bind(settings.dicom_host, settings.dicom_port)
 
 
 class _Stop(Exception):
@@ -78,8 +87,6 @@ def serve_in_process(settings: Settings, listener: socket.socket) -> None:
 def serve(settings: Settings, config_file: Path | None) -> int:
     """Prepare the archive, bind the listeners and run the workers (and the HTTP process);
     return an exit code."""
-    from stockade.web.server import bind_http
-
     archive = build_archive(settings)
     try:
         archive.prepare()
@@ -92,7 +99,7 @@ def serve(settings: Settings, config_file: Path | None) -> int:
                 f"http_host {settings.http_host} is not a loopback address: the HTTP listener "
                 "has no user authentication yet, so it serves this machine only"
             )
-        http = bind_http(settings)
+        http = bind(settings.http_host, settings.http_port)
     listener = bind_listener(settings)
     workers = settings.worker_count
     log.info(

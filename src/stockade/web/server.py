@@ -23,7 +23,7 @@ import uvicorn
 from stockade.app import build_archive, configure_logging
 from stockade.audit.events import Actor
 from stockade.dicom.attributes import Level
-from stockade.errors import ConfigError, StockadeError
+from stockade.errors import StockadeError
 from stockade.settings import Settings, load
 from stockade.web import metadata
 from stockade.web.app import create_app
@@ -32,29 +32,6 @@ if TYPE_CHECKING:
     from stockade.archive import Archive
 
 log = logging.getLogger(__name__)
-
-
-def bind_http(settings: Settings) -> socket.socket:
-    """Bind and listen on the HTTP address.
-
-    Raises
-    ------
-    ConfigError
-        The address cannot be bound (in use, not local).
-    """
-    family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((settings.http_host, settings.http_port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"cannot listen on {settings.http_host}:{settings.http_port}: {exc.strerror}"
-        ) from None
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
 
 
 class MetadataWarmer(threading.Thread):
