@@ -89,8 +89,16 @@ def test_metadata_of_a_new_series_is_built_in_the_background(
     quiet for metadata_warm_delay; the first request is then served from it."""
     from .conftest import storescu, write_ct_series
 
-    server: StockadeServer = make_server(settings={"STOCKADE_METADATA_WARM_DELAY": "0.5"})
+    server: StockadeServer = make_server(
+        settings={"STOCKADE_METADATA_WARM_DELAY": "0.5", "STOCKADE_HTTP_WORKERS": "2"}
+    )
     server.start()
+    # The warmer looks at what arrives once its HTTP worker runs: wait for the workers.
+    assert httpx.options(server.dicomweb, timeout=30).status_code == 200
+    deadline = time.monotonic() + 30
+    while server.log_path.read_text().count("Application startup complete") < 2:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.1)
     files = write_ct_series(tmp_path / "ct", 4, patient_id="WARM-1")
     assert storescu(server.port, list(files.values())).returncode == 0
     cache = server.data_dir / "cache" / "metadata"
