@@ -371,6 +371,16 @@ class SqlIndex:
                 yield StoredInstance(*row[: len(STORED_COLUMNS)])
             last = rows[-1][-1]
 
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[Connection]:
+        """A read connection; a database error becomes :class:`IndexFailure`."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            log.error("index read failed (%s): %s", what, exc.__class__.__name__, exc_info=exc)
+            raise IndexFailure(f"the index could not {what} ({exc.__class__.__name__})") from None
+
     def find(self, query: Query) -> Found:
         """Evaluate *query* (PS3.4 C.2.2.2 matching, see :mod:`stockade.index.query`).
 
@@ -381,14 +391,8 @@ class SqlIndex:
         IndexFailure
             The database failed.
         """
-        try:
-            with self.engine.connect() as conn:
-                return find(conn, query)
-        except SQLAlchemyError as exc:
-            log.error("query failed: %s", exc.__class__.__name__, exc_info=exc)
-            raise IndexFailure(
-                f"the index could not run the query ({exc.__class__.__name__})"
-            ) from None
+        with self._reading("run the query") as conn:
+            return find(conn, query)
 
     def updated_series(
         self, since: datetime | None, until: datetime
@@ -404,13 +408,8 @@ class SqlIndex:
         )
         if since is not None:
             stmt = stmt.where(studies.c.updated_at > since)
-        try:
-            with self.engine.connect() as conn:
-                return [(r[0], r[1], r[2]) for r in conn.execute(stmt)]
-        except SQLAlchemyError as exc:
-            raise IndexFailure(
-                f"the index could not list updated series ({exc.__class__.__name__})"
-            ) from None
+        with self._reading("list updated series") as conn:
+            return [(r[0], r[1], r[2]) for r in conn.execute(stmt)]
 
     def locate(self, query: Query) -> list[StoredInstance]:
         """The instances a retrieve at *query*'s level sends (:func:`index.query.locate`).
@@ -420,14 +419,8 @@ class SqlIndex:
         IndexFailure
             The database failed.
         """
-        try:
-            with self.engine.connect() as conn:
-                return locate(conn, query)
-        except SQLAlchemyError as exc:
-            log.error("locate failed: %s", exc.__class__.__name__, exc_info=exc)
-            raise IndexFailure(
-                f"the index could not locate the instances ({exc.__class__.__name__})"
-            ) from None
+        with self._reading("locate the instances") as conn:
+            return locate(conn, query)
 
     def counts(self) -> dict[str, int]:
         """Numbers of patients, studies, series and instances."""

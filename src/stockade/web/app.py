@@ -26,7 +26,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.audit.events import Actor
-from stockade.errors import StockadeError
+from stockade.dicom.uids import uid_problem
+from stockade.errors import InvalidQuery, StockadeError
 from stockade.settings import cors_origins
 
 if TYPE_CHECKING:
@@ -55,6 +56,34 @@ def actor_of(request: Request) -> Actor:
     """The caller, for the audit trail (users arrive with the identity issue)."""
     client = request.client
     return Actor(address=client.host if client else None, via="web")
+
+
+#: Path parameters naming UIDs, and their keywords.
+PATH_UIDS = (
+    ("study", "StudyInstanceUID"),
+    ("series", "SeriesInstanceUID"),
+    ("instance", "SOPInstanceUID"),
+)
+
+
+def path_uids(request: Request) -> dict[str, str]:
+    """The UIDs of the URL path by keyword, each checked per PS3.5 9.1.
+
+    Raises
+    ------
+    InvalidQuery
+        A UID that breaks PS3.5 9.1 (400).
+    """
+    values: dict[str, str] = {}
+    for name, keyword in PATH_UIDS:
+        uid = request.path_params.get(name)
+        if uid is None:
+            continue
+        problem = uid_problem(uid)
+        if problem:
+            raise InvalidQuery(f"{keyword} in the URL {problem}")
+        values[keyword] = uid
+    return values
 
 
 def problem_response(status: int, title: str, detail: str, code: str) -> Response:

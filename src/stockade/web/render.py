@@ -61,9 +61,8 @@ from stockade.dicom import transcode
 from stockade.dicom.attributes import Level
 from stockade.dicom.part10 import file_header
 from stockade.dicom.tables import EXPLICIT_VR_LITTLE_ENDIAN
-from stockade.dicom.uids import uid_problem
 from stockade.errors import CannotTranscode, InvalidQuery, NotFound, StockadeError
-from stockade.web.app import actor_of, archive_of
+from stockade.web.app import actor_of, archive_of, path_uids
 
 if TYPE_CHECKING:
     from stockade.retrieve import Retrieval, StoredInstance
@@ -656,30 +655,6 @@ def render_instance(retrieval: Retrieval, inst: StoredInstance, options: RenderO
 
 
 # -- routes ----------------------------------------------------------------------------------
-
-
-def path_uids(request: Request) -> dict[str, str]:
-    """The UIDs of the URL path, validated (PS3.5 9.1), by keyword.
-
-    Raises
-    ------
-    InvalidQuery
-        A UID that breaks PS3.5 9.1.
-    """
-    values: dict[str, str] = {}
-    for name, keyword in (
-        ("study", "StudyInstanceUID"),
-        ("series", "SeriesInstanceUID"),
-        ("instance", "SOPInstanceUID"),
-    ):
-        uid = request.path_params.get(name)
-        if uid is None:
-            continue
-        problem = uid_problem(uid)
-        if problem:
-            raise InvalidQuery(f"{keyword} in the URL {problem}")
-        values[keyword] = uid
-    return values
 
 
 def _level(values: Mapping[str, str]) -> Level:

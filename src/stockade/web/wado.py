@@ -70,7 +70,7 @@ from stockade.errors import (
 )
 from stockade.retrieve import Retrieval
 from stockade.web import metadata
-from stockade.web.app import BASE, actor_of, archive_of
+from stockade.web.app import BASE, actor_of, archive_of, path_uids
 from stockade.web.dicomjson import JSON_MEDIA_TYPE
 
 if TYPE_CHECKING:  # types only: adapters never use index/ (docs/architecture.md)
@@ -228,32 +228,6 @@ def _resolve(candidates: Sequence[str], inst: StoredInstance) -> list[str]:
 
 # -- request helpers -------------------------------------------------------------------------
 
-_PATH_KEYS = (
-    ("study", "StudyInstanceUID"),
-    ("series", "SeriesInstanceUID"),
-    ("instance", "SOPInstanceUID"),
-)
-
-
-def _path_uids(request: Request) -> dict[str, str | None]:
-    """The UIDs in the URL as retrieve keys, each checked per PS3.5 9.1.
-
-    Raises
-    ------
-    InvalidQuery
-        A UID is malformed (400).
-    """
-    values: dict[str, str | None] = {}
-    for name, keyword in _PATH_KEYS:
-        uid = request.path_params.get(name)
-        if uid is None:
-            continue
-        problem = uid_problem(uid)
-        if problem:
-            raise InvalidQuery(f"{keyword} in the URL {problem}")
-        values[keyword] = uid
-    return values
-
 
 def _level(values: dict[str, str | None]) -> Level:
     if "SOPInstanceUID" in values:
@@ -371,7 +345,7 @@ class _RetrievalStream(StreamingResponse):
 
 async def _retrieve(request: Request) -> Response:
     """GET a study, series or instance (PS3.18 10.4.1.1.1), streamed."""
-    values = _path_uids(request)
+    values: dict[str, str | None] = dict(path_uids(request))
     level = _level(values)
     candidates = dicom_candidates(parse_accept(request.headers.get("accept")))
     archive = archive_of(request)
@@ -428,7 +402,7 @@ def _accepts_json(ranges: Sequence[MediaRange]) -> bool:
 
 async def _metadata(request: Request) -> Response:
     """GET the metadata of a study, series or instance (PS3.18 10.4.1.1.2)."""
-    values = _path_uids(request)
+    values: dict[str, str | None] = dict(path_uids(request))
     level = _level(values)
     if not _accepts_json(parse_accept(request.headers.get("accept"))):
         raise NotAcceptable(f"metadata is given as {JSON_MEDIA_TYPE} only (PS3.18 8.7.3.2)")
@@ -456,7 +430,7 @@ def _instance(request: Request) -> tuple[Retrieval, StoredInstance]:
     NotFound
         No such instance in that study and series.
     """
-    values = _path_uids(request)
+    values: dict[str, str | None] = dict(path_uids(request))
     retrieval = archive_of(request).retrieve(
         Level.IMAGE, values, service="wado", actor=actor_of(request)
     )
