@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from stockade.dicom.parse import Limits, scan
+from stockade.dicom.parse import Limits, Scan, scan
 from stockade.errors import InvalidObject, LimitExceeded
 from tests.dicomfactory import bare, make_dataset
 
@@ -16,7 +16,7 @@ LIMITS = Limits(max_depth=8, max_elements=1000)
 SOP_UID_TAG = 0x00080018
 
 
-def _scan(data: bytes, limits: Limits = LIMITS, implicit: bool = False) -> object:
+def _scan(data: bytes, limits: Limits = LIMITS, implicit: bool = False) -> Scan:
     return scan(
         data,
         implicit_vr=implicit,
@@ -59,7 +59,16 @@ def test_garbage_before_pixel_data_is_malformed() -> None:
     ds = make_dataset()
     del ds.PixelData
     with pytest.raises(InvalidObject, match="malformed"):
-        _scan(bare(ds) + b"PK\x03\x04garbage-garbage")
+        _scan(bare(ds) + b"XY\x03\x04garbage-garbage")
+
+
+@pytest.mark.parametrize("magic", [b"PK\x03\x04", b"\x7fELF\x02\x01\x01", b"%PDF-1.7"])
+def test_another_format_after_a_data_set_is_trailing_data(magic: bytes) -> None:
+    ds = make_dataset()
+    del ds.PixelData
+    body = bare(ds)
+    found = _scan(body + magic + b"garbage-garbage")
+    assert found.end == len(body)
 
 
 def _nested(depth: int) -> Dataset:

@@ -10,9 +10,11 @@ encoding (PS3.5 section 7) and checks, without copying values:
 - sequence nesting depth and the total element count stay under configured limits;
 - top-level tags ascend (PS3.5 7.1).
 
-Bytes after the end of a complete data set (after Pixel Data, for instance an appended ZIP
+Bytes after the end of a complete data set (after Pixel Data, or anything that starts with
+another format's header where the next element should be, for instance an appended ZIP
 archive) are reported as trailing data so the caller can drop them; anything else that does not
-parse is an :class:`~stockade.errors.InvalidObject`.
+parse is an :class:`~stockade.errors.InvalidObject`. An optional :class:`Visitor` sees every
+element on the way (the payload inspector uses it; PS3.10 7.5).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 from pydicom.datadict import dictionary_VR
 
@@ -70,6 +73,38 @@ class Scan:
     last_tag: int
 
 
+class Visitor(Protocol):
+    """Sees every element of a data set while :func:`scan` walks it (the payload inspector,
+    :mod:`stockade.dicom.inspect`, is one). Offsets are into the scanned buffer."""
+
+    def element(self, tag: int, vr: str, start: int, end: int, depth: int) -> None:
+        """An element whose value (or, for sequences, items) spans ``start:end``; *depth*
+        is 0 at the top level, 1 inside an item of a top-level sequence, and so on."""
+
+    def item(self, depth: int) -> None:
+        """A sequence item begins: the elements that follow at *depth* form a new data set."""
+
+    def fragment(self, start: int, end: int) -> None:
+        """One fragment of encapsulated pixel data (PS3.5 A.4) spans ``start:end``."""
+
+
+#: Headers of other formats that can follow a complete data set to make a polyglot (a ZIP
+#: local file header, PE, ELF, PDF, Mach-O): seen where the next top-level element should be,
+#: they end the data set (trailing data) instead of making it malformed.
+FOREIGN_MAGIC = (
+    b"PK\x03\x04",
+    b"PK\x05\x06",
+    b"MZ",
+    b"\x7fELF",
+    b"%PDF-",
+    b"\xfe\xed\xfa\xce",
+    b"\xfe\xed\xfa\xcf",
+    b"\xce\xfa\xed\xfe",
+    b"\xcf\xfa\xed\xfe",
+    b"\xca\xfe\xba\xbe",
+)
+
+
 class _Malformed(Exception):
     def __init__(self, message: str, pos: int, *, overrun: bool = False) -> None:
         super().__init__(message)
@@ -95,10 +130,13 @@ def _tag_text(tag: int) -> str:
 
 
 class _Walker:
-    def __init__(self, buf: bytes | bytearray | memoryview, limits: Limits) -> None:
+    def __init__(
+        self, buf: bytes | bytearray | memoryview, limits: Limits, visitor: Visitor | None
+    ) -> None:
         self.buf = buf
         self.limits = limits
         self.count = 0
+        self.visitor = visitor
 
     # Each method returns the offset just after what it consumed.
 
@@ -149,6 +187,23 @@ class _Walker:
         """Walk one element; return (tag, vr, value_start, next_offset)."""
         tag, vr, length, start = self.header(pos, end, implicit, little)
         self.bump(pos)
+        result = self._element(tag, vr, length, start, pos, end, implicit, little, depth)
+        if self.visitor is not None:
+            self.visitor.element(tag, result[1], start, result[3], depth)
+        return result
+
+    def _element(
+        self,
+        tag: int,
+        vr: str,
+        length: int,
+        start: int,
+        pos: int,
+        end: int,
+        implicit: bool,
+        little: bool,
+        depth: int,
+    ) -> tuple[int, str, int, int]:
         if tag >> 16 == 0xFFFE:
             raise _Malformed(f"unexpected item or delimiter {_tag_text(tag)} at offset {pos}", pos)
         if length == UNDEFINED_LENGTH:
@@ -204,6 +259,8 @@ class _Walker:
                 return start
             if tag != ITEM:
                 raise _Malformed(f"expected an item at offset {pos}, found {_tag_text(tag)}", pos)
+            if self.visitor is not None:
+                self.visitor.item(depth)
             if length == UNDEFINED_LENGTH:
                 pos = self.dataset(start, end, None, implicit, little, depth)
             else:
@@ -258,7 +315,18 @@ class _Walker:
                     pos,
                     overrun=True,
                 )
+            if self.visitor is not None:
+                self.visitor.fragment(start, start + length)
             pos = start + length
+
+
+def _foreign(buf: bytes | bytearray | memoryview, pos: int) -> bool:
+    head = bytes(buf[pos : pos + 8])
+    if not head.startswith(FOREIGN_MAGIC):
+        return False
+    if head.startswith(b"MZ"):  # a DOS header: believable only with its PE offset in range
+        return len(buf) - pos >= 64
+    return True
 
 
 def scan(
@@ -269,6 +337,7 @@ def scan(
     wanted: frozenset[int],
     limits: Limits,
     start: int = 0,
+    visitor: Visitor | None = None,
 ) -> Scan:
     """Walk the top level of a data set encoded in *buf* from *start* to the end.
 
@@ -284,6 +353,8 @@ def scan(
         Nesting depth and element count caps.
     start : int
         Offset of the first element.
+    visitor : Visitor, optional
+        Told of every element, item and pixel data fragment as the walk meets them.
 
     Returns
     -------
@@ -296,12 +367,15 @@ def scan(
     LimitExceeded
         A structural limit was exceeded.
     """
-    walker = _Walker(buf, limits)
+    walker = _Walker(buf, limits, visitor)
     end = len(buf)
     pos = start
     last_tag = -1
     values: dict[int, tuple[str, int, int]] = {}
     while pos < end:
+        if last_tag >= 0 and _foreign(buf, pos):
+            # Another format's header where the next element should be: a polyglot's tail.
+            return Scan(values, pos, walker.count, last_tag)
         try:
             tag, vr, value_start, next_pos = walker.element(pos, end, implicit_vr, little_endian, 0)
             if tag <= last_tag:
