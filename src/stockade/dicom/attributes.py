@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.charset import convert_encodings, decode_bytes, python_encoding
 
 
 class Level(StrEnum):
@@ -69,6 +69,7 @@ BY_TAG: dict[int, Indexed] = {a.tag: a for a in INDEXED}
 WANTED_TAGS: frozenset[int] = frozenset(BY_TAG) | {SPECIFIC_CHARACTER_SET}
 
 _SIMPLE_CODECS = {"ascii", "iso8859", "latin_1", "iso-8859-1", "utf_8", "UTF8", "utf-8"}
+_KNOWN_CODECS = frozenset(python_encoding.values()) | _SIMPLE_CODECS
 _charset_lock = threading.Lock()
 
 
@@ -76,9 +77,15 @@ def _encodings(raw: bytes | None) -> list[str]:
     if not raw:
         return ["iso8859"]
     terms = [t.strip() for t in raw.decode("ascii", "replace").split("\\")]
-    with _charset_lock, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return list(convert_encodings(terms or [""]))
+    try:
+        with _charset_lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = convert_encodings(terms or [""])
+    except (LookupError, ValueError):  # a NUL in a term makes codecs.lookup raise ValueError
+        return ["iso8859"]
+    # pydicom also takes any Python codec name ("hex", "idna", "undefined", ...), whose
+    # decoders raise on arbitrary bytes: only the codecs of DICOM's defined terms are used.
+    return [e if e in _KNOWN_CODECS else "iso8859" for e in found]
 
 
 def _decode_text(raw: bytes, encodings: list[str], vr: str) -> str:

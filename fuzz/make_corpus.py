@@ -1,0 +1,227 @@
+"""Write the seed corpora of the fuzz targets (``fuzz/corpus/ingest``, ``fuzz/corpus/multipart``).
+
+Ingest seeds are files of pydicom's own test data, re-encoded small: every binary value
+(pixel data, overlays, private blobs) is cut to a few bytes, encapsulated pixel data keeps
+one short fragment, so each seed is a couple of KB and still covers its transfer syntax, its
+sequences and its private elements. A few hostile seeds (executable preamble, trailing ZIP,
+undefined lengths, C-STORE data sets in each transfer syntax) follow. Multipart seeds are
+small ``multipart/related`` bodies in the input format of ``fuzz/multipart_target.py``.
+
+The output is deterministic: run ``.venv/bin/python fuzz/make_corpus.py`` and commit it.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+from pydicom import config, dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_fragments
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+HERE = Path(__file__).resolve().parent
+INGEST = HERE / "corpus" / "ingest"
+MULTIPART = HERE / "corpus" / "multipart"
+
+config.settings.writing_validation_mode = config.IGNORE
+config.settings.reading_validation_mode = config.IGNORE
+
+#: pydicom test files (bundled with pydicom) and the seed name each becomes.
+SOURCES = {
+    "CT_small.dcm": "ct-explicit-le",
+    "MR_small_implicit.dcm": "mr-implicit-le",
+    "MR_small_bigendian.dcm": "mr-explicit-be",
+    "image_dfl.dcm": "deflated",
+    "JPEG2000.dcm": "jpeg2000",
+    "SC_rgb_rle.dcm": "rle",
+    "SC_rgb_jpeg_dcmtk.dcm": "jpeg-baseline",
+    "rtplan.dcm": "rtplan-sequences",
+    "rtstruct.dcm": "rtstruct-sequences",
+    "reportsi.dcm": "sr-nested",
+    "priv_SQ.dcm": "private-sequence",
+    "nested_priv_SQ.dcm": "nested-private-sequence",
+    "UN_sequence.dcm": "un-sequence",
+}
+#: Longest binary value kept in a seed.
+MAX_BINARY = 48
+#: Longest sequence kept (items).
+MAX_ITEMS = 2
+PE_PREAMBLE = b"MZ\x90\x00" + bytes(56) + struct.pack("<L", 0x80) + bytes(64)
+#: Index of each transfer syntax in stockade.dicom.tables.TRANSFER_SYNTAXES (C-STORE seeds).
+DIMSE_SYNTAX = {
+    ImplicitVRLittleEndian: 0,
+    ExplicitVRLittleEndian: 1,
+    DeflatedExplicitVRLittleEndian: 2,
+    ExplicitVRBigEndian: 3,
+}
+
+
+def _trim(ds: Dataset) -> None:
+    """Cut binary values and long sequences, recursively."""
+    for elem in list(ds):
+        if elem.VR == "SQ":
+            del elem.value[MAX_ITEMS:]
+            for item in elem.value:
+                _trim(item)
+        elif elem.tag == 0x7FE00010 and elem.is_undefined_length:
+            first = next((f for f in generate_fragments(elem.value) if f), b"\xff\xd9")
+            first = first[:MAX_BINARY]
+            ds[elem.tag] = DataElement(elem.tag, elem.VR, encapsulate([first]))
+            ds[elem.tag].is_undefined_length = True
+        elif isinstance(elem.value, bytes) and len(elem.value) > MAX_BINARY:
+            elem.value = elem.value[:MAX_BINARY]
+    if "NumberOfFrames" in ds:
+        ds.NumberOfFrames = 1
+
+
+def _meta(ds: Dataset, ts: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "1.2.826.0.1.3680043.2.1143.1")
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.2.1143.107.104.103.115"
+    return meta
+
+
+def _part10(ds: Dataset, ts: str, preamble: bytes = bytes(128)) -> bytes:
+    ds.file_meta = _meta(ds, ts)
+    ds.preamble = preamble
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _bare(ds: Dataset, ts: str) -> bytes:
+    """The data set alone in *ts*, as C-STORE carries it."""
+    out = DicomBytesIO()
+    out.is_little_endian = ts != ExplicitVRBigEndian
+    out.is_implicit_VR = ts == ImplicitVRLittleEndian
+    write_dataset(out, ds)
+    raw = bytes(out.getvalue())
+    if ts == DeflatedExplicitVRLittleEndian:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        raw = deflater.compress(raw) + deflater.flush()
+    return raw
+
+
+def _load(name: str) -> tuple[Dataset, str]:
+    path = get_testdata_file(name)
+    if path is None:
+        raise SystemExit(f"pydicom test file {name} not found")
+    ds = dcmread(path, force=True)
+    ts = str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ImplicitVRLittleEndian)
+    _trim(ds)
+    if "SOPClassUID" not in ds:  # so that the seed can get through the whole pipeline
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.2.1143.{len(name)}.{sum(name.encode())}"
+        ds.StudyInstanceUID = ds.SOPInstanceUID + ".1"
+        ds.SeriesInstanceUID = ds.SOPInstanceUID + ".2"
+    return ds, ts
+
+
+def _undefined_lengths(ds: Dataset) -> Dataset:
+    """A copy whose sequences and items all have undefined lengths (PS3.5 7.5.2)."""
+    copy = Dataset()
+    for elem in ds:
+        if elem.VR == "SQ":
+            items = Sequence([_undefined_lengths(item) for item in elem.value])
+            for item in items:
+                item.is_undefined_length_sequence_item = True
+            new = DataElement(elem.tag, "SQ", items, is_undefined_length=True)
+            copy.add(new)
+        else:
+            copy.add(elem)
+    return copy
+
+
+def ingest_seeds() -> dict[str, bytes]:
+    """The ingest corpus: file name to bytes."""
+    seeds: dict[str, bytes] = {}
+    for source, name in SOURCES.items():
+        ds, ts = _load(source)
+        seeds[f"{name}.dcm"] = _part10(ds, ts)
+    ct, _ts = _load("CT_small.dcm")
+    seeds["pe-preamble.dcm"] = _part10(ct, ExplicitVRLittleEndian, PE_PREAMBLE)
+    zip_tail = b"PK\x05\x06" + bytes(18)  # an empty ZIP archive after the pixel data
+    seeds["trailing-zip.dcm"] = _part10(ct, ExplicitVRLittleEndian) + zip_tail
+    plan, _ts = _load("rtplan.dcm")
+    seeds["undefined-lengths.dcm"] = _part10(_undefined_lengths(plan), ExplicitVRLittleEndian)
+    del ct.file_meta
+    for ts, index in DIMSE_SYNTAX.items():
+        name = {0: "implicit-le", 1: "explicit-le", 2: "deflated", 3: "explicit-be"}[index]
+        seeds[f"cstore-{name}.bin"] = bytes([index]) + _bare(ct, ts)
+    return seeds
+
+
+def _multipart(
+    boundary: bytes,
+    parts: list[tuple[bytes, bytes]],
+    *,
+    chunk: int = 7,
+    profile: int = 0,
+    preamble: bytes = b"",
+    epilogue: bytes = b"",
+    padding: bytes = b"",
+) -> bytes:
+    """One multipart seed: chunk-size byte, limits byte, boundary line, then the body."""
+    body = preamble + (b"\r\n" if preamble else b"")
+    for headers, data in parts:
+        body += b"--" + boundary + padding + b"\r\n" + headers + b"\r\n" + data + b"\r\n"
+    body += b"--" + boundary + b"--" + epilogue
+    return bytes([chunk, profile]) + boundary + b"\r\n" + body
+
+
+def multipart_seeds(dicom: bytes) -> dict[str, bytes]:
+    """The multipart corpus: file name to bytes (*dicom* is a small Part 10 file)."""
+    ct = b"Content-Type: application/dicom\r\n"
+    folded = b"Content-Type: application/dicom;\r\n\ttransfer-syntax=1.2.840.10008.1.2.1\r\n"
+    tricky = b"\r\n--b0UNd\r\n-" + b"--b0UNd-ar" + b"\r\r\n\n--"
+    return {
+        "one-part.bin": _multipart(b"b0UNd-ary", [(ct, dicom)]),
+        "two-parts.bin": _multipart(b"XyZ", [(ct, dicom[:200]), (ct, dicom[200:400])], chunk=1),
+        "preamble-epilogue.bin": _multipart(
+            b"b0UNd-ary", [(ct, b"abc")], preamble=b"ignored", epilogue=b"\r\nafter", chunk=3
+        ),
+        "padding.bin": _multipart(b"b", [(ct, b"x")], padding=b" \t ", chunk=2),
+        "no-headers.bin": _multipart(b"b0UNd-ary", [(b"", b"no headers")], chunk=5),
+        "folded-headers.bin": _multipart(
+            b"'()+_,-./:=? end",
+            [(folded, b"")],
+        ),
+        "tricky-body.bin": _multipart(b"b0UNd-ary", [(ct, tricky), (ct, tricky[::-1])], chunk=4),
+        "other-type-large.bin": _multipart(
+            b"b0UNd-ary",
+            [(b"Content-Type: application/json\r\n", b"{}" * 40), (ct, b"z" * 300)],
+            profile=1,
+        ),
+    }
+
+
+def main() -> None:
+    """Write both corpora (existing files of the same names are replaced)."""
+    INGEST.mkdir(parents=True, exist_ok=True)
+    MULTIPART.mkdir(parents=True, exist_ok=True)
+    seeds = ingest_seeds()
+    for name, data in seeds.items():
+        (INGEST / name).write_bytes(data)
+    for name, data in multipart_seeds(seeds["rtplan-sequences.dcm"][:600]).items():
+        (MULTIPART / name).write_bytes(data)
+    sizes = sum(len(d) for d in seeds.values())
+    print(f"{len(seeds)} ingest seeds ({sizes} bytes) in {INGEST}")
+
+
+if __name__ == "__main__":
+    main()
