@@ -25,6 +25,7 @@ from stockade.audit.events import (
 )
 from stockade.audit.sink import AuditSink
 from stockade.dicom.attributes import Level
+from stockade.dicom.sandbox import Decoder, open_decoder
 from stockade.dicom.uids import ae_title_problem, uid_problem
 from stockade.errors import (
     ConfigError,
@@ -115,6 +116,9 @@ class Archive:
         self.index = index
         self.audit_sink = audit
         self.ingest = Ingest(settings, store, index, audit)
+        #: Where pixel data is decoded and encoded: decoder processes, started when first
+        #: needed and stopped by :meth:`close` (threat model SR-13).
+        self.decoder: Decoder = open_decoder(settings)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -160,7 +164,8 @@ class Archive:
             )
 
     def close(self) -> None:
-        """Release resources."""
+        """Release resources (the decoder processes too)."""
+        self.decoder.close()
         self.store.close()
         self.index.close()
         self.audit_sink.close()

@@ -166,3 +166,14 @@ class CannotTranscode(StockadeError):
     http_status = 406
     dimse_status = 0xA702  # Refused: Out of Resources, unable to perform sub-operations
     code = "cannot-transcode"
+
+class DecodeFailure(CannotTranscode):
+    """A codec crashed, ran past ``decode_timeout`` or past ``decode_memory_limit`` while
+    decoding or encoding pixel data (threat model SR-13). Its worker process is replaced; the
+    server carries on. A server-side failure (HTTP 500); in DIMSE retrieves the instance's
+    sub-operation fails, like any instance that cannot be transcoded."""
+
+    http_status = 500
+    dimse_status = 0x0110  # Failure: Processing failure (PS3.7 Annex C)
+    code = "decode-failure"
+

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
 from stockade.audit.events import Actor, InstancesRetrieved, SecurityAlert
-from stockade.dicom import transcode
 from stockade.dicom.attributes import Level
 from stockade.dicom.matching import parse
 from stockade.dicom.part10 import read_part10
 from stockade.errors import (
     CannotTranscode,
+    DecodeFailure,
     IntegrityError,
     InvalidQuery,
     StockadeError,
@@ -131,8 +131,9 @@ class Retrieval:
     ) -> tuple[str, bytes | memoryview]:
         """The data set of *inst* (no preamble, no File Meta) in the first of *candidates*
         it can be produced in, and that transfer syntax: as stored when it is the stored
-        one, else transcoded (PS3.5 10, lossless only). A codec may refuse one image (bit
-        depth, size): the next candidate is tried.
+        one, else transcoded (PS3.5 10, lossless only) by the archive's decoder, whose
+        codecs run in decoder processes (threat model SR-13). A codec may refuse one image
+        (bit depth, size): the next candidate is tried.
 
         Raises
         ------
@@ -141,6 +142,8 @@ class Retrieval:
         CannotTranscode
             No candidate: no codec, a lossy conversion, decoded pixels over
             ``max_decoded_size``, or every codec refused (the last reason is given).
+        DecodeFailure
+            A codec crashed, or ran past ``decode_timeout`` or ``decode_memory_limit``.
         """
         if not candidates:
             raise CannotTranscode("the receiver accepted no transfer syntax to send it in")
@@ -150,9 +153,11 @@ class Retrieval:
             if ts == inst.transfer_syntax:
                 return ts, memoryview(data)[read_part10(data).dataset_offset :]
             try:
-                return ts, transcode.transcode(
+                return ts, self.archive.decoder.transcode(
                     data, ts, max_pixel_bytes=self.archive.settings.max_decoded_size
                 )
+            except DecodeFailure:
+                raise  # the codec crashed or ran out of time: another target would decode too
             except CannotTranscode as exc:
                 error = exc
         assert error is not None  # noqa: S101 - candidates is not empty

@@ -214,6 +214,39 @@ DECLARED: tuple[Declared, ...] = (
         _positive,
     ),
     Declared(
+        "decode_workers",
+        int,
+        2,
+        "Decoder processes per server process: compressed pixel data is decoded and encoded "
+        "(transcoding, rendering) in them, never in the server, so that a codec that crashes "
+        "or runs away costs one request. Started when first needed, reused while healthy.",
+        _positive,
+    ),
+    Declared(
+        "decode_timeout",
+        float,
+        30.0,
+        "Seconds one decode (or encode, or rendering) may take; a decoder process past it is "
+        "killed and replaced, and the request fails.",
+        _positive,
+    ),
+    Declared(
+        "decode_memory_limit",
+        int,
+        0,
+        "Bytes of address space a decoder process may take beyond what it uses at rest "
+        "(RLIMIT_AS); a decode that needs more fails and the process is replaced. 0 means "
+        "3 x max_decoded_size + 256 MiB.",
+        _non_negative,
+    ),
+    Declared(
+        "decode_in_process",
+        bool,
+        False,
+        "Decode in the server process itself, without the decoder processes and their "
+        "limits. For debugging only: a crashing codec then takes the server down.",
+    ),
+    Declared(
         "http_enabled",
         bool,
         True,
@@ -290,6 +323,10 @@ class Settings:
     query_case_sensitive_names: bool
     retrieve_max_instances: int
     max_decoded_size: int
+    decode_workers: int
+    decode_timeout: float
+    decode_memory_limit: int
+    decode_in_process: bool
     http_enabled: bool
     http_host: str
     http_port: int

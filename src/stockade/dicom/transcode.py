@@ -24,7 +24,9 @@ Threat model SR-13: before any decode, the size of the decoded pixel data is com
 the header (Rows x Columns x Samples per Pixel x bytes per sample x Number of Frames) and
 checked against ``max_pixel_bytes``, and the image size announced by every codestream header
 must fit inside what the DICOM header promises, so that a small file cannot make a codec
-allocate more than that bound.
+allocate more than that bound. In the servers the codecs then run in a decoder process with
+memory and time limits (``delegate``, :mod:`stockade.dicom.sandbox`), so that a codec that
+crashes or runs away costs one request.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -64,6 +66,7 @@ __all__ = [
     "JPEG_LS_LOSSLESS",
     "LOSSLESS_ENCAPSULATED",
     "RLE_LOSSLESS",
+    "Delegate",
     "choose",
     "conversions",
     "producible",
@@ -269,9 +272,19 @@ def _alternatives(plugins: tuple[str, ...], uid: str) -> str:
     return " or ".join(dict.fromkeys(_package(plugin, uid) for plugin in plugins))
 
 
+#: Runs a conversion that needs a codec elsewhere (a decoder process,
+#: :mod:`stockade.dicom.sandbox`): ``delegate(part10, target_ts, max_pixel_bytes)`` returns
+#: what :func:`transcode` would.
+Delegate = Callable[[bytes | bytearray | memoryview, str, int], bytes | memoryview]
+
+
 def transcode(
-    part10: bytes | bytearray | memoryview, target_ts: str, *, max_pixel_bytes: int
-) -> bytes:
+    part10: bytes | bytearray | memoryview,
+    target_ts: str,
+    *,
+    max_pixel_bytes: int,
+    delegate: Delegate | None = None,
+) -> bytes | memoryview:
     """The data set of a stored Part 10 file re-encoded in *target_ts*, as a C-STORE carries it.
 
     The result has no preamble and no File Meta Information (PS3.7 9.3.1.1: the data set of
@@ -294,11 +307,15 @@ def transcode(
     max_pixel_bytes : int
         Largest decoded pixel data, in bytes, that may be produced by a decode or handed to
         an encoder (threat model SR-13). Checked from the header values before any decode.
+    delegate : callable, optional
+        Where a conversion that needs a codec runs, once every check above has passed here
+        (threat model SR-13: :class:`stockade.dicom.sandbox.DecodePool`). Without it the
+        codecs run in this process.
 
     Returns
     -------
-    bytes
-        The encoded data set.
+    bytes or memoryview
+        The encoded data set (``bytes`` without *delegate*).
 
     Raises
     ------
@@ -326,12 +343,18 @@ def transcode(
             f"float pixel data cannot be encoded in {target.name} (PS3.5 A.4: only Pixel "
             "Data (7FE0,0010) is encapsulated)"
         )
-    if not stored.little_endian:
-        _to_little_endian(ds)
-    if has_pixels and (stored.encapsulated or target.encapsulated):
+    codec = has_pixels and (stored.encapsulated or target.encapsulated)
+    if codec:
         _check_pixel_size(ds, max_pixel_bytes)
         if stored.encapsulated:
             _check_codestreams(ds, stored_ts)
+        if delegate is not None:
+            del ds
+            return delegate(part10, target_ts, max_pixel_bytes)
+    if not stored.little_endian:
+        _to_little_endian(ds)
+    if codec:
+        if stored.encapsulated:
             _decompress(ds, stored_ts)
         if target.encapsulated:
             _compress(ds, target_ts)

@@ -22,11 +22,13 @@ then the image is scaled to fit ``vw x vh`` keeping its aspect ratio; at most
 :data:`DEFAULT_QUALITY`), ``annotation=patient,technique`` (accepted and ignored: no text is
 burned in), ``charset`` (ignored), ``accept``. Unknown or repeated parameters are 400.
 
-The pipeline (:func:`render_part10`): the stored file is decoded to native pixel data by
-:func:`stockade.dicom.transcode.transcode` (which checks the decoded size against
-``max_decoded_size`` and every codestream header before a codec runs, threat model SR-13);
-the same bound, and :data:`MAX_RENDER_PIXELS` per frame, are checked from the header before
-pydicom builds the frame's array. Grey images then go through the Modality LUT (Rescale
+The pipeline (:func:`render_part10`): the decoded size (``max_decoded_size``) and
+:data:`MAX_RENDER_PIXELS` per frame are checked from the header (:func:`check_size`); then
+the rest runs in a decoder process with memory and time limits
+(:mod:`stockade.dicom.sandbox`, threat model SR-13): the stored file is decoded to native
+pixel data by :func:`stockade.dicom.transcode.transcode` (which checks the decoded size and
+every codestream header again before a codec runs) and the bounds once more before pydicom
+builds the frame's array. Grey images then go through the Modality LUT (Rescale
 Slope and Intercept or a Modality LUT Sequence, PS3.3 C.11.1), the VOI window (the
 request's, else the first Window Center and Width of the file with its VOI LUT Function,
 else the frame's minimum and maximum) and, for ``MONOCHROME1``, an inversion. Colour images
@@ -59,9 +61,15 @@ from starlette.routing import BaseRoute, Route
 
 from stockade.dicom import transcode
 from stockade.dicom.attributes import Level
-from stockade.dicom.part10 import file_header
+from stockade.dicom.part10 import file_header, read_part10
 from stockade.dicom.tables import EXPLICIT_VR_LITTLE_ENDIAN
-from stockade.errors import CannotTranscode, InvalidQuery, NotFound, StockadeError
+from stockade.errors import (
+    CannotTranscode,
+    DecodeFailure,
+    InvalidQuery,
+    NotFound,
+    StockadeError,
+)
 from stockade.web.app import actor_of, archive_of, path_uids
 
 if TYPE_CHECKING:
@@ -414,16 +422,41 @@ def _check_size(ds: Dataset, max_pixel_bytes: int) -> int:
     return frames
 
 
-def _native(part10: bytes, inst: StoredInstance, max_pixel_bytes: int) -> Dataset:
+def check_size(part10: bytes, max_pixel_bytes: int) -> None:
+    """Refuse, from the header alone, an image over the bounds of :func:`render_dataset`.
+
+    Run by the server before a frame is handed to a decoder process (threat model SR-13:
+    the size is checked before any decode); an object without Rows is left to the renderer,
+    which says why it cannot be rendered.
+
+    Raises
+    ------
+    CannotTranscode
+        The header does not parse, or the image is over ``max_decoded_size`` or
+        :data:`MAX_RENDER_PIXELS`.
+    """
+    try:
+        ds = dcmread(BytesIO(part10), stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many kinds; re-raised as CannotTranscode
+        raise CannotTranscode(f"the stored object could not be parsed: {exc}") from exc
+    if "Rows" in ds:
+        _check_size(ds, max_pixel_bytes)
+
+
+def _native(part10: bytes, max_pixel_bytes: int) -> Dataset:
     """The stored object parsed with native pixel data (decoded by transcode, SR-13)."""
-    if inst.transfer_syntax == EXPLICIT_VR_LITTLE_ENDIAN:
+    info = read_part10(part10)
+    if info.transfer_syntax == EXPLICIT_VR_LITTLE_ENDIAN:
         data = part10
     else:
         body = transcode.transcode(
             part10, EXPLICIT_VR_LITTLE_ENDIAN, max_pixel_bytes=max_pixel_bytes
         )
         meta = file_header(
-            inst.sop_class_uid, inst.sop_instance_uid, EXPLICIT_VR_LITTLE_ENDIAN, None
+            info.media_sop_class_uid or "1.2",
+            info.media_sop_instance_uid or "1.2",
+            EXPLICIT_VR_LITTLE_ENDIAN,
+            None,
         )
         data = meta + body
     try:
@@ -602,17 +635,16 @@ def render_dataset(ds: Dataset, options: RenderOptions, *, max_pixel_bytes: int)
     return _encode(image, options)
 
 
-def render_part10(
-    part10: bytes, inst: StoredInstance, options: RenderOptions, *, max_pixel_bytes: int
-) -> bytes:
+def render_part10(part10: bytes, options: RenderOptions, *, max_pixel_bytes: int) -> bytes:
     """Render one frame of a stored Part 10 file as *options* ask (PS3.18 10.4.1.1.3).
+
+    This runs the codecs in the calling process: the servers call it in a decoder process
+    (:meth:`stockade.dicom.sandbox.DecodePool.render`, threat model SR-13).
 
     Parameters
     ----------
     part10 : bytes
         The stored file, already hash-verified (:meth:`Retrieval.read`).
-    inst : StoredInstance
-        Its index row (transfer syntax and UIDs).
     options : RenderOptions
         Frame, window, viewport, media type, quality.
     max_pixel_bytes : int
@@ -630,7 +662,7 @@ def render_part10(
     NotFound
         The frame does not exist.
     """
-    ds = _native(part10, inst, max_pixel_bytes)
+    ds = _native(part10, max_pixel_bytes)
     return render_dataset(ds, options, max_pixel_bytes=max_pixel_bytes)
 
 
@@ -638,14 +670,13 @@ def render_instance(retrieval: Retrieval, inst: StoredInstance, options: RenderO
     """Read (hash-verified), render and account for one instance of *retrieval*.
 
     The sub-operation is marked completed or failed; the caller finishes the retrieval.
+    The size is checked from the header, then the frame is decoded and rendered by the
+    archive's decoder (a decoder process, threat model SR-13).
     """
     try:
         data = retrieval.read(inst)
-        image = render_part10(
-            data,
-            inst,
-            options,
-            max_pixel_bytes=retrieval.archive.settings.max_decoded_size,
+        image = retrieval.archive.decoder.render(
+            data, options, max_pixel_bytes=retrieval.archive.settings.max_decoded_size
         )
     except StockadeError as exc:
         retrieval.done(inst, "failed", exc.reason)
@@ -697,6 +728,8 @@ def render_located(
             for inst in candidates[:THUMBNAIL_SERIES_TRIED]:
                 try:
                     body = await run_in_threadpool(render_instance, retrieval, inst, options)
+                except DecodeFailure:
+                    raise  # a crash or timeout: not worth trying the next candidate
                 except CannotTranscode as exc:
                     error = exc
                     continue
