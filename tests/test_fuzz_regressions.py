@@ -22,6 +22,7 @@ from stockade.index.sql import SqlIndex
 from stockade.ingest import Origin
 from stockade.settings import load
 from stockade.storage.filesystem import FilesystemBlobStore
+from stockade.web.multipart import MalformedMultipart, MultipartParser
 from tests.dicomfactory import make_dataset, part10
 
 REGRESSIONS = Path(__file__).resolve().parent.parent / "fuzz" / "regressions"
@@ -144,3 +145,22 @@ def read_offset(data: bytes) -> int:
     from stockade.dicom.part10 import read_part10
 
     return read_part10(data).dataset_offset
+
+
+# Found by tests/test_fuzz_properties.py: transport padding after a delimiter longer than the
+# header bound was accepted when its CRLF came in the same chunk and refused otherwise.
+@pytest.mark.parametrize("padding", [127, 128, 129, 300])
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_delimiter_padding_is_bounded_whatever_the_chunking(padding: int, chunk: int) -> None:
+    body = b"--b" + b" " * padding + b"\r\n\r\nabc\r\n--b--"
+    parser = MultipartParser(b"b", max_part_size=1024, max_header_size=128)
+    try:
+        parts = []
+        for at in range(0, len(body), chunk):
+            parts += parser.feed(body[at : at + chunk])
+        parser.close()
+    except MalformedMultipart:
+        assert padding > 128
+    else:
+        assert padding <= 128
+        assert [bytes(p.body) for p in parts] == [b"abc"]

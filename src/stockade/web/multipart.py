@@ -239,12 +239,13 @@ class MultipartParser:
             end = buf.find(b"\r\n")
             if end < 0:
                 pending = bytes(buf[:-1]) if buf.endswith(b"\r") else bytes(buf)
-                if pending.strip(_LWSP) or len(buf) > self._max_header_size:
+                if pending.strip(_LWSP) or len(pending) > self._max_header_size:
                     raise MalformedMultipart(
                         "a multipart delimiter is followed by something other than CRLF"
                     )
                 return False
-            if buf[:end].strip(_LWSP):
+            # Padding is bounded whether or not its CRLF came in the same chunk.
+            if buf[:end].strip(_LWSP) or end > self._max_header_size:
                 raise MalformedMultipart(
                     "a multipart delimiter is followed by something other than CRLF"
                 )
