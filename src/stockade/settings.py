@@ -236,7 +236,7 @@ DECLARED: tuple[Declared, ...] = (
         0,
         "Bytes of address space a decoder process may take beyond what it uses at rest "
         "(RLIMIT_AS); a decode that needs more fails and the process is replaced. 0 means "
-        "3 x max_decoded_size + 256 MiB.",
+        "4 x max_decoded_size + 1 GiB.",
         _non_negative,
     ),
     Declared(

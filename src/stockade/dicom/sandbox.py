@@ -86,6 +86,8 @@ _MAX_RENDERED = 80 * MiB
 #: :func:`_test_fault`). Tests use it; it is never set in production.
 TEST_FAULTS_ENV = "STOCKADE_TEST_DECODE_FAULTS"
 _FAULT_MARK = b"STOCKADE-TEST-FAULT:"
+#: Exit status of a worker that could not allocate a job's payload (ENOMEM).
+_EXIT_NO_MEMORY = 12
 _FAULTS = ("segv", "spin", "hog", "exit")
 
 #: Errors a worker may report by code, and the class the server raises for each.
@@ -100,10 +102,15 @@ Wire = dict[str, Any]
 
 
 def default_memory_limit(max_decoded_size: int) -> int:
-    """``decode_memory_limit`` when it is left at 0: room for three copies of the largest
-    decoded pixel data (codec output, the array pydicom makes of it, the encoded data set)
-    and 256 MiB of working space."""
-    return 3 * max_decoded_size + 256 * MiB
+    """``decode_memory_limit`` when it is left at 0: four times the largest decoded pixel
+    data and 1 GiB.
+
+    Measured: a transcode to native pixel data peaks at about four times the decoded size
+    beyond the worker's rest (the stored object, the codec's array, its bytes, the encoded
+    data set); rendering adds the floating-point arrays of one frame (at most
+    :data:`stockade.web.render.MAX_RENDER_PIXELS` pixels, about 1 GiB for the largest).
+    """
+    return 4 * max_decoded_size + 1024 * MiB
 
 
 class Decoder(Protocol):
@@ -445,6 +452,8 @@ class DecodePool:
             code = worker.proc.wait(5)
         except subprocess.TimeoutExpired:
             return "stopped answering"
+        if code == _EXIT_NO_MEMORY:
+            return "could not take the stored object within decode_memory_limit"
         if code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -665,6 +674,8 @@ def _serve(sock: socket.socket, timeout: float, memory_limit: int, faults: bool)
             header, payload = _receive(sock, None, 1 << 62)
         except EOFError:
             return
+        except MemoryError:  # the stored object alone is over the limit
+            os._exit(_EXIT_NO_MEMORY)
         _cpu_deadline(timeout)
         retire = False
         try:
