@@ -12,6 +12,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from stockade.archive import SERVICES, Archive, Peer
 from stockade.audit.events import InstanceRejected, SecurityAlert
 from stockade.audit.sink import MemoryAuditSink
+from stockade.dicom.inspect import Kind
 from stockade.dicom.part10 import read_part10
 from stockade.errors import (
     DuplicateConflict,
@@ -20,10 +21,12 @@ from stockade.errors import (
     InvalidObject,
     NotAuthorized,
     ObjectTooLarge,
+    Quarantined,
 )
 from stockade.index.base import Outcome
 from stockade.index.sql import SqlIndex
 from stockade.ingest import Origin
+from stockade.security.policy import Action, Policy
 from stockade.storage.filesystem import FilesystemBlobStore
 from tests.dicomfactory import bare, make_dataset, part10
 
@@ -55,6 +58,11 @@ PE_PREAMBLE = b"MZ\x90\x00" + b"\x00" * 56 + b"\x80\x00\x00\x00" + b"\x00" * 64
 def test_preamble_is_classified_and_zeroed(
     archive: Archive, audit: MemoryAuditSink, preamble: bytes, kind: str
 ) -> None:
+    # Stripping the preamble (zeroing it) is what the policy does here; by default an
+    # executable or markup preamble quarantines the object (tests/test_screening.py).
+    archive.ingest.policy = Policy(
+        {Kind.EXECUTABLE_PREAMBLE: Action.STRIP, Kind.MARKUP_PREAMBLE: Action.STRIP}
+    )
     ds = make_dataset()
     data = part10(ds, preamble=preamble)
     archive.store_file(data, IMPORT)
@@ -145,6 +153,10 @@ def test_counts_and_modalities(archive: Archive) -> None:
 def test_trailing_zip_is_not_stored(archive: Archive) -> None:
     ds = make_dataset()
     data = part10(ds) + b"PK\x03\x04" + b"\x14" * 60
+    with pytest.raises(Quarantined, match="polyglot-trailer"):  # the default action
+        archive.store_file(data, IMPORT)
+    assert archive.find_instance(ds.SOPInstanceUID) is None
+    archive.ingest.policy = Policy({Kind.POLYGLOT_TRAILER: Action.STRIP})
     result = archive.store_file(data, IMPORT)
     assert any("not stored" in w for w in result.warnings)
     assert b"PK\x03\x04" not in _stored_file(archive, ds.SOPInstanceUID)
@@ -169,7 +181,7 @@ def test_deflate_bomb_is_capped(archive: Archive) -> None:
     ds = make_dataset()
     bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
     raw = bomb.compress(bytes(50 * 1024 * 1024)) + bomb.flush()
-    small = dataclasses.replace(archive.settings, max_object_size=1024 * 1024)
+    small = dataclasses.replace(archive.settings, max_inflated_size=1024 * 1024)
     archive.ingest.settings = small
     with pytest.raises(ObjectTooLarge, match="inflates past"):
         archive.store_dimse(

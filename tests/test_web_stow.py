@@ -15,7 +15,9 @@ from starlette.exceptions import StarletteDeprecationWarning
 from stockade.archive import Archive
 from stockade.audit.events import InstanceRejected
 from stockade.audit.sink import MemoryAuditSink
+from stockade.dicom.inspect import Kind
 from stockade.dicom.part10 import read_part10
+from stockade.security.policy import Action, Policy
 from stockade.web.app import create_app
 from stockade.web.stow import media_type
 from tests.dicomfactory import make_dataset, part10
@@ -169,7 +171,22 @@ def test_bad_study_uid_in_url(client: TestClient) -> None:
     assert response.headers["content-type"] == "application/problem+json"
 
 
+def test_polyglot_is_quarantined(client: TestClient, archive: Archive) -> None:
+    ds = make_dataset()
+    preamble = (b"MZ\x90\x00" + b"This program cannot be run in DOS mode").ljust(128, b"\x00")
+    response = post(client, multipart([part10(ds, preamble=preamble)]))
+    assert response.status_code == 409, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert values(failed, FAILURE_REASON) == [0xC004]
+    assert "quarantine" in values(failed, PRIVATE_REASON)[0]
+    assert "executable-preamble" in values(failed, PRIVATE_REASON)[0]
+    assert archive.find_instance(ds.SOPInstanceUID) is None
+    [entry] = archive.ingest.quarantine.entries()
+    assert entry.sop_instance_uid == ds.SOPInstanceUID and entry.via == "web"
+
+
 def test_polyglot_is_stored_with_a_zero_preamble(client: TestClient, archive: Archive) -> None:
+    archive.ingest.policy = Policy({Kind.EXECUTABLE_PREAMBLE: Action.STRIP})
     ds = make_dataset()
     preamble = (b"MZ\x90\x00" + b"This program cannot be run in DOS mode").ljust(128, b"\x00")
     response = post(client, multipart([part10(ds, preamble=preamble)]))

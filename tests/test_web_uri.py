@@ -21,10 +21,13 @@ from pydicom.uid import generate_uid
 from stockade.archive import Archive
 from stockade.audit.events import InstancesRetrieved
 from stockade.audit.sink import MemoryAuditSink
+from stockade.dicom.inspect import Kind
 from stockade.dicom.part10 import read_part10
 from stockade.ingest import Origin
+from stockade.security.policy import Action, Policy
 from stockade.web.app import create_app
 from tests.dicomfactory import make_dataset, part10
+from tests.test_web_render import _store_huge
 
 with warnings.catch_warnings():  # starlette warns at import that httpx2 is preferred
     warnings.simplefilter("ignore")
@@ -76,7 +79,9 @@ def _image(response: httpx.Response, media: str) -> npt.NDArray[np.int32]:
 def test_dicom_as_stored_has_a_zero_preamble(
     archive: Archive, client: TestClient, audit: MemoryAuditSink
 ) -> None:
-    # a Part 10 file whose preamble is HTML: stored and served with zeros (SR-20, SR-21)
+    # a Part 10 file whose preamble is HTML, stored under the policy "strip" (the default
+    # quarantines it): stored and served with zeros (SR-20, SR-21)
+    archive.ingest.policy = Policy({Kind.MARKUP_PREAMBLE: Action.STRIP})
     ds = make_dataset()
     sent = part10(ds, preamble=b"<html><script>alert(1)</script>".ljust(128, b" "))
     archive.store_file(sent, Origin(via="import"))
@@ -266,8 +271,7 @@ def test_missing_parameters_and_objects(archive: Archive, client: TestClient) ->
 
 
 def test_huge_header_is_refused_before_decoding(archive: Archive, client: TestClient) -> None:
-    ds = make_dataset(Rows=65535, Columns=65535, NumberOfFrames=10000, PixelData=bytes(64))
-    archive.store_file(part10(ds), Origin(via="import"))
+    ds = _store_huge(archive)
     body = _problem(client.get("/dicomweb/wado", params=_query(ds)), 406)
     assert "limit" in str(body["detail"])
     body = _problem(

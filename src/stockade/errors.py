@@ -167,6 +167,7 @@ class CannotTranscode(StockadeError):
     dimse_status = 0xA702  # Refused: Out of Resources, unable to perform sub-operations
     code = "cannot-transcode"
 
+
 class DecodeFailure(CannotTranscode):
     """A codec crashed, ran past ``decode_timeout`` or past ``decode_memory_limit`` while
     decoding or encoding pixel data (threat model SR-13). Its worker process is replaced; the
@@ -177,3 +178,18 @@ class DecodeFailure(CannotTranscode):
     dimse_status = 0x0110  # Failure: Processing failure (PS3.7 Annex C)
     code = "decode-failure"
 
+
+class RefusedByPolicy(InvalidObject):
+    """The hidden-payload policy refuses the object (action ``reject``, PS3.10 7.5)."""
+
+    dimse_status = 0xC003  # Error: Cannot understand, sub-code for a refused payload
+    code = "refused-by-policy"
+
+
+class Quarantined(StockadeError):
+    """The object was kept apart for an administrator (action ``quarantine``, PS3.10 7.5):
+    it is not stored in the archive, and the sender is told so."""
+
+    http_status = 409
+    dimse_status = 0xC004  # Error: Cannot understand, sub-code for a quarantined object
+    code = "quarantined"

@@ -25,20 +25,38 @@ from datetime import UTC, datetime
 from stockade.audit.events import Actor, InstanceRejected, InstanceStored, SecurityAlert
 from stockade.audit.sink import AuditSink
 from stockade.dicom.attributes import WANTED_TAGS, extract
+from stockade.dicom.inspect import (
+    Finding,
+    Inspector,
+    Kind,
+    inspect_meta_private,
+    inspect_preamble,
+    inspect_trailing,
+)
 from stockade.dicom.parse import Limits, scan
-from stockade.dicom.part10 import PreambleKind, classify_preamble, file_header, read_part10
+from stockade.dicom.part10 import (
+    PreambleKind,
+    classify_preamble,
+    file_header,
+    read_part10,
+)
 from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAX_BY_UID
 from stockade.dicom.uids import uid_problem
 from stockade.errors import (
     DatasetMismatch,
     InvalidAttribute,
     InvalidObject,
+    LimitExceeded,
     ObjectTooLarge,
+    Quarantined,
+    RefusedByPolicy,
     SOPClassNotSupported,
     StockadeError,
     StorageFailure,
 )
 from stockade.index.base import Index, InstanceRecord, Outcome
+from stockade.security.policy import Action, Policy, Verdict, parse_actions
+from stockade.security.quarantine import Quarantine, QuarantineEntry
 from stockade.settings import Settings
 from stockade.storage.base import BlobStore, StagingWriter
 
@@ -69,12 +87,15 @@ class StoreResult:
     sop_class_uid: str
     study_instance_uid: str
     warnings: tuple[str, ...] = ()
+    #: Parts of the object were not stored by policy (PS3.4 B.2.3 warning B006).
+    discarded: bool = False
 
 
-def _inflate(data: Buffer, cap: int) -> tuple[bytes, int]:
+def _inflate(data: Buffer, cap: int) -> tuple[bytes, bytes]:
     """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5) with a size cap.
 
-    Returns the inflated bytes and the number of bytes after the end of the deflate stream.
+    Inflation stops at *cap* bytes (a deflate bomb never inflates further). Returns the
+    inflated bytes and the bytes after the end of the deflate stream.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
@@ -82,12 +103,12 @@ def _inflate(data: Buffer, cap: int) -> tuple[bytes, int]:
     except zlib.error as exc:
         raise InvalidObject(f"deflated data set does not inflate: {exc}") from None
     if len(out) > cap:
-        raise ObjectTooLarge(f"deflated data set inflates past max_object_size ({cap} bytes)")
+        raise ObjectTooLarge(f"deflated data set inflates past max_inflated_size ({cap} bytes)")
     if not inflater.eof:
         raise InvalidObject("deflated data set is truncated")
     unused = inflater.unused_data
     # One NUL may pad the deflated stream to an even length (PS3.5 A.5): not trailing data.
-    return out, 0 if unused == b"\x00" else len(unused)
+    return out, b"" if unused == b"\x00" else unused
 
 
 @dataclass(frozen=True)
@@ -123,6 +144,8 @@ class Ingest:
         self.limits = Limits(
             max_depth=settings.max_nesting_depth, max_elements=settings.max_elements
         )
+        self.policy = Policy(parse_actions(settings.screening_actions))
+        self.quarantine = Quarantine(settings.data_dir / "quarantine")
 
     def from_dimse(
         self,
@@ -201,8 +224,10 @@ class Ingest:
         writer.write(header)
         return Receiving(header, writer)
 
-    def from_file(self, data: Buffer, origin: Origin) -> StoreResult:
-        """Store a DICOM Part 10 file (PS3.10 7.1) read from media, a folder or a ZIP."""
+    def from_file(self, data: Buffer, origin: Origin, *, release: bool = False) -> StoreResult:
+        """Store a DICOM Part 10 file (PS3.10 7.1) read from media, a folder, a ZIP or a
+        STOW-RS part. *release*: an administrator released it from quarantine, so findings
+        that would quarantine or reject it only alert (strips still apply)."""
 
         def run() -> StoreResult:
             if len(data) > self.settings.max_object_size:
@@ -211,16 +236,121 @@ class Ingest:
                     f"({self.settings.max_object_size})"
                 )
             part10 = read_part10(data)
+            kind = classify_preamble(part10.preamble)
+            found = inspect_preamble(kind)
+            if part10.private_information is not None:
+                start, end = part10.private_information
+                found += inspect_meta_private(memoryview(data)[start:end])
+            keep = (
+                part10.preamble
+                if kind is PreambleKind.TIFF and self.settings.keep_tiff_preamble
+                else None
+            )
             return self._ingest(
                 memoryview(data)[part10.dataset_offset :],
                 part10.transfer_syntax,
-                classify_preamble(part10.preamble),
+                kind,
                 part10.media_sop_class_uid,
                 part10.media_sop_instance_uid,
                 origin,
+                findings=found,
+                original=data,
+                preamble=keep,
+                release=release,
             )
 
         return self._guarded(run, origin, None)
+
+    def _check_pixels(self, inspector: Inspector) -> None:
+        """Check the pixel description against ``max_decoded_size`` before anything decodes
+        it, and native pixel data against its description (PS3.5 8.1.1; SR-13)."""
+        size = inspector.decoded_size()
+        if size is None:
+            return
+        p = inspector.pixels
+        if size > self.settings.max_decoded_size:
+            raise LimitExceeded(
+                f"pixel data would decode to {size} bytes (Rows {p.get('rows', 0)} x Columns "
+                f"{p.get('columns', 0)} x Samples {p.get('samples', 1)} x Bits Allocated "
+                f"{p.get('bits', 8)} x Frames {p.get('frames', 1)}), over max_decoded_size "
+                f"({self.settings.max_decoded_size})"
+            )
+        native = inspector.native_size()
+        if inspector.pixel_data is not None and native is not None and not inspector.encapsulated:
+            _vr, start, end = inspector.pixel_data
+            if end - start < native:
+                raise InvalidAttribute(
+                    f"native Pixel Data (7FE0,0010) holds {end - start} bytes but Rows, "
+                    f"Columns, Samples per Pixel, Bits Allocated and Number of Frames need "
+                    f"{native} (PS3.5 8.1.1)"
+                )
+
+    def _hold(
+        self,
+        parts: list[Buffer],
+        verdict: Verdict,
+        attrs: dict[str, str | int | None],
+        ts_uid: str,
+        origin: Origin,
+    ) -> QuarantineEntry:
+        """Put an object in quarantine, as received, with its findings."""
+
+        def uid(keyword: str) -> str | None:
+            value = attrs.get(keyword)
+            return str(value) if value is not None and not uid_problem(str(value)) else None
+
+        patient = attrs.get("PatientID")
+        return self.quarantine.put(
+            parts,
+            {
+                "via": origin.via,
+                "ae_title": _source_ae(origin),
+                "address": origin.address,
+                "user": origin.user,
+                "sop_class_uid": uid("SOPClassUID"),
+                "sop_instance_uid": uid("SOPInstanceUID"),
+                "study_uid": uid("StudyInstanceUID"),
+                "patient_id": None if patient is None else str(patient)[:64],
+                "transfer_syntax": ts_uid if not uid_problem(ts_uid) else "",
+                "findings": [
+                    {
+                        "kind": d.finding.kind.value,
+                        "where": d.finding.where,
+                        "detail": d.finding.detail,
+                        "action": d.action.value,
+                    }
+                    for d in verdict.decisions
+                ],
+            },
+        )
+
+    def _alert(
+        self,
+        verdict: Verdict,
+        attrs: dict[str, str | int | None],
+        origin: Origin,
+        entry: QuarantineEntry | None,
+    ) -> None:
+        """One Security Alert audit event per finding (PS3.15 A.5.3.11)."""
+        sop = attrs.get("SOPInstanceUID")
+        study = attrs.get("StudyInstanceUID")
+        patient = attrs.get("PatientID")
+        for decision in verdict.decisions:
+            finding = decision.finding
+            self.audit.emit(
+                SecurityAlert(
+                    actor=origin.actor(),
+                    outcome="success" if decision.action is Action.ALERT else "failure",
+                    finding=finding.kind.value,
+                    detail=finding.detail,
+                    where=finding.where,
+                    action=decision.action.value,
+                    quarantine_id=entry.id if entry else None,
+                    sop_instance_uid=str(sop) if sop and not uid_problem(str(sop)) else None,
+                    study_uid=str(study) if study and not uid_problem(str(study)) else None,
+                    patient_id=None if patient is None else str(patient)[:64],
+                )
+            )
 
     def _guarded(
         self, run: Callable[[], StoreResult], origin: Origin, sop_uid: str | None
@@ -244,11 +374,16 @@ class Ingest:
         self,
         dataset: Buffer,
         ts_uid: str,
-        preamble: PreambleKind,
+        preamble_kind: PreambleKind,
         claimed_class: str | None,
         claimed_instance: str | None,
         origin: Origin,
         receiving: Receiving | None = None,
+        *,
+        findings: list[Finding] | None = None,
+        original: Buffer | None = None,
+        preamble: bytes | None = None,
+        release: bool = False,
     ) -> StoreResult:
         settings = self.settings
         if len(dataset) > settings.max_object_size:
@@ -260,33 +395,80 @@ class Ingest:
         if ts is None:
             raise InvalidObject(f"transfer syntax {ts_uid[:64]} is not supported")
         warnings: list[str] = []
+        found_here = list(findings or ())
 
-        # 1. bounded parse
-        stored: Buffer = dataset
+        # 1. bounded parse, inspected on the way (PS3.10 7.5)
         parsed: Buffer = dataset
-        trailing = 0
+        after_stream = b""
         if ts.deflated:
-            parsed, trailing = _inflate(dataset, settings.max_object_size)
-            if trailing:
-                stored = memoryview(dataset)[: len(dataset) - trailing]
+            parsed, after_stream = _inflate(dataset, settings.max_inflated_size)
+        inspector = Inspector(parsed, little_endian=ts.little_endian)
         found = scan(
             parsed,
             implicit_vr=ts.implicit_vr,
             little_endian=ts.little_endian,
             wanted=WANTED_TAGS,
             limits=self.limits,
+            visitor=inspector,
         )
-        if found.end < len(parsed):
-            extra = len(parsed) - found.end
+        tail = memoryview(parsed)[found.end :]
+        found_here += [
+            f
+            for f in inspector.findings
+            # With a kept TIFF preamble, padding holds the TIFF structures (dual format).
+            if preamble is None or f.kind is not Kind.TRAILING_PADDING
+        ]
+        found_here += inspect_trailing(tail)
+        found_here += inspect_trailing(memoryview(after_stream))
+        trailing = len(tail) + len(after_stream)
+        attrs = extract(parsed, found.values, little_endian=ts.little_endian)
+        self._check_pixels(inspector)
+
+        # 2. the hidden-payload policy
+        verdict = self.policy.judge(found_here, release=release)
+        if verdict.action in (Action.REJECT, Action.QUARANTINE):
+            entry = None
+            if verdict.action is Action.QUARANTINE:
+                kept = (
+                    [original]
+                    if original is not None
+                    else [
+                        file_header(str(claimed_class), str(claimed_instance), ts_uid, None),
+                        dataset,
+                    ]
+                )
+                entry = self._hold(kept, verdict, attrs, ts_uid, origin)
+            self._alert(verdict, attrs, origin, entry)
+            if entry is not None:
+                raise Quarantined(
+                    f"held in quarantine as {entry.id} for review: {verdict.summary()}"
+                )
+            raise RefusedByPolicy(f"refused by the payload policy: {verdict.summary()}")
+        cuts = verdict.cuts()
+        stored: Buffer = dataset
+        if cuts or found.end < len(parsed) or after_stream:
+            pieces, pos = [], 0
+            view = memoryview(parsed)
+            for start, end in cuts:
+                pieces.append(view[pos:start])
+                pos = end
+            pieces.append(view[pos : found.end])
             if ts.deflated:
                 compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-                stored = compressor.compress(parsed[: found.end]) + compressor.flush()
-            else:
+                stored = b"".join(compressor.compress(p) for p in pieces) + compressor.flush()
+            elif not cuts:
                 stored = memoryview(dataset)[: found.end]
-            trailing += extra
+            else:
+                stored = b"".join(pieces)
         if trailing:
             warnings.append(f"{trailing} bytes after the end of the data set were not stored")
-        attrs = extract(parsed, found.values, little_endian=ts.little_endian)
+        stripped = [
+            d.finding for d in verdict.decisions if d.action is Action.STRIP and d.finding.cut
+        ]
+        if stripped:
+            warnings.append(
+                "discarded by policy: " + ", ".join(f"{f.where} ({f.kind})" for f in stripped)
+            )
 
         # 3. validate
         for keyword, tag in (
@@ -313,12 +495,12 @@ class Ingest:
             raise DatasetMismatch(
                 f"SOP Instance UID of the request differs from {sop_instance} in the data set"
             )
-        if preamble not in (PreambleKind.NONE, PreambleKind.ZERO):
-            warnings.append(f"preamble classified {preamble.value} was replaced by zeros")
+        if preamble_kind not in (PreambleKind.NONE, PreambleKind.ZERO) and preamble is None:
+            warnings.append(f"preamble classified {preamble_kind.value} was replaced by zeros")
 
         # 2 + 4. sanitised copy, staged durably
         source_ae = _source_ae(origin)
-        header = file_header(sop_class, sop_instance, ts_uid, source_ae)
+        header = file_header(sop_class, sop_instance, ts_uid, source_ae, preamble)
         streamed = (
             receiving is not None
             and stored is dataset
@@ -344,7 +526,7 @@ class Ingest:
             blob_key=staged.key,
             size=staged.size,
             transfer_syntax=ts_uid,
-            preamble=preamble.value,
+            preamble=preamble_kind.value,
             trailing_bytes=trailing,
             origin=origin.via,
             sender_ae=source_ae,
@@ -390,18 +572,10 @@ class Ingest:
                 sop_class_uid=sop_class,
                 patient_id=record.text("PatientID"),
                 result=recorded.outcome.value,
-                preamble=preamble.value,
+                preamble=preamble_kind.value,
             )
         )
-        if preamble in (PreambleKind.EXECUTABLE, PreambleKind.MARKUP):
-            self.audit.emit(
-                SecurityAlert(
-                    actor=actor,
-                    finding=f"{preamble.value}-preamble",
-                    detail="Part 10 preamble held a non-DICOM header; stored with zeros",
-                    sop_instance_uid=sop_instance,
-                )
-            )
+        self._alert(verdict, attrs, origin, None)
         if warnings:
             log.warning("stored %s with warnings: %s", sop_instance, "; ".join(warnings))
         return StoreResult(
@@ -410,4 +584,5 @@ class Ingest:
             sop_class,
             str(attrs["StudyInstanceUID"]),
             tuple(warnings),
+            discarded=bool(stripped),
         )

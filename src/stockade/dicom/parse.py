@@ -77,9 +77,10 @@ class Visitor(Protocol):
     """Sees every element of a data set while :func:`scan` walks it (the payload inspector,
     :mod:`stockade.dicom.inspect`, is one). Offsets are into the scanned buffer."""
 
-    def element(self, tag: int, vr: str, start: int, end: int, depth: int) -> None:
-        """An element whose value (or, for sequences, items) spans ``start:end``; *depth*
-        is 0 at the top level, 1 inside an item of a top-level sequence, and so on."""
+    def element(self, tag: int, vr: str, header: int, start: int, end: int, depth: int) -> None:
+        """An element whose header starts at *header* and whose value (or, for sequences,
+        items) spans ``start:end``; *depth* is 0 at the top level, 1 inside an item of a
+        top-level sequence, and so on."""
 
     def item(self, depth: int) -> None:
         """A sequence item begins: the elements that follow at *depth* form a new data set."""
@@ -189,7 +190,7 @@ class _Walker:
         self.bump(pos)
         result = self._element(tag, vr, length, start, pos, end, implicit, little, depth)
         if self.visitor is not None:
-            self.visitor.element(tag, result[1], start, result[3], depth)
+            self.visitor.element(tag, result[1], pos, start, result[3], depth)
         return result
 
     def _element(

@@ -25,6 +25,7 @@ MAX_META_LENGTH = 64 * 1024
 TRANSFER_SYNTAX_UID = 0x00020010
 MEDIA_SOP_CLASS_UID = 0x00020002
 MEDIA_SOP_INSTANCE_UID = 0x00020003
+PRIVATE_INFORMATION = 0x00020102
 
 
 class PreambleKind(StrEnum):
@@ -79,6 +80,8 @@ class Part10:
     media_sop_class_uid: str | None
     media_sop_instance_uid: str | None
     dataset_offset: int
+    #: Offsets of the value of Private Information (0002,0102), if present (never stored).
+    private_information: tuple[int, int] | None = None
 
 
 def _text(raw: bytes | bytearray | memoryview) -> str:
@@ -123,9 +126,12 @@ def read_part10(data: bytes | bytearray | memoryview) -> Part10:
         implicit_vr=False,
         little_endian=True,
         start=pos,
-        wanted=frozenset({TRANSFER_SYNTAX_UID, MEDIA_SOP_CLASS_UID, MEDIA_SOP_INSTANCE_UID}),
+        wanted=frozenset(
+            {TRANSFER_SYNTAX_UID, MEDIA_SOP_CLASS_UID, MEDIA_SOP_INSTANCE_UID, PRIVATE_INFORMATION}
+        ),
         limits=Limits(max_depth=2, max_elements=64),
     )
+    private = found.values.pop(PRIVATE_INFORMATION, None)
     values = {tag: _text(data[s:e]) for tag, (_vr, s, e) in found.values.items()}
     ts = values.get(TRANSFER_SYNTAX_UID)
     problem = uid_problem(ts)
@@ -137,6 +143,7 @@ def read_part10(data: bytes | bytearray | memoryview) -> Part10:
         media_sop_class_uid=values.get(MEDIA_SOP_CLASS_UID),
         media_sop_instance_uid=values.get(MEDIA_SOP_INSTANCE_UID),
         dataset_offset=meta_end,
+        private_information=private[1:] if private else None,
     )
 
 
@@ -158,13 +165,23 @@ def _text_value(text: str) -> bytes:
 
 
 def file_header(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    source_ae: str | None,
+    preamble: bytes | None = None,
 ) -> bytes:
     """Build the zero preamble, ``DICM`` and a fresh File Meta Information (PS3.10 7.1).
 
     Stockade always writes its own meta group: nothing a sender put in group 0002 (private
-    information (0002,0102), say) is kept. The UIDs must already be validated.
+    information (0002,0102), say) is kept. The UIDs must already be validated. *preamble*
+    replaces the zeros only for a TIFF header kept by the whole-slide opt-in
+    (``keep_tiff_preamble``).
     """
+    if preamble is not None and (
+        len(preamble) != PREAMBLE_LENGTH or classify_preamble(preamble) is not PreambleKind.TIFF
+    ):
+        raise ValueError("only a 128-byte TIFF preamble can be kept")
     body = b"".join(
         (
             _element(0x00020001, b"OB", b"\x00\x01"),
@@ -177,4 +194,4 @@ def file_header(
         )
     )
     group_length = _element(0x00020000, b"UL", struct.pack("<L", len(body)))
-    return ZERO_PREAMBLE + PREFIX + group_length + body
+    return (preamble or ZERO_PREAMBLE) + PREFIX + group_length + body

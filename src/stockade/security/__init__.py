@@ -1,0 +1,1 @@
+"""Hostile-input defence: the hidden-payload policy, quarantine and the file scanner."""
