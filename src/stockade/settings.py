@@ -87,6 +87,24 @@ def _origins(value: str) -> str | None:
     return None
 
 
+def _screening(value: str) -> str | None:
+    from stockade.security.policy import parse_actions
+
+    try:
+        parse_actions(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _optional_host(value: str) -> str | None:
+    return None if value == "" else _host(value)
+
+
+def _transport(value: str) -> str | None:
+    return None if value in {"tls", "udp"} else "must be tls or udp"
+
+
 def _log_level(value: str) -> str | None:
     levels = {"DEBUG", "INFO", "WARNING", "ERROR"}
     return None if value.upper() in levels else f"must be one of {sorted(levels)}"
@@ -171,6 +189,38 @@ DECLARED: tuple[Declared, ...] = (
         int,
         500_000,
         "Most data elements (nested ones included) accepted in one data set.",
+        _positive,
+    ),
+    Declared(
+        "max_inflated_size",
+        int,
+        256 * MiB,
+        "Largest size a Deflated Explicit VR Little Endian data set (PS3.5 A.5) may inflate "
+        "to, in bytes; inflation is streamed and stops there (deflate bombs).",
+        _positive,
+    ),
+    Declared(
+        "screening_actions",
+        str,
+        "",
+        "Actions for hidden-payload findings that replace the defaults, as "
+        "`kind=action,...` with actions alert, strip, quarantine or reject "
+        "(see docs/security.md for the finding types and their defaults).",
+        _screening,
+    ),
+    Declared(
+        "keep_tiff_preamble",
+        bool,
+        False,
+        "Keep a TIFF header found in a file's preamble (dual-format whole-slide images); "
+        "off: every stored file has a zero preamble (PS3.10 7.5).",
+    ),
+    Declared(
+        "max_associations_per_peer",
+        int,
+        8,
+        "Concurrent DIMSE associations one peer address may hold in each worker process; "
+        "more are rejected (transient, local limit exceeded).",
         _positive,
     ),
     Declared(
@@ -296,6 +346,51 @@ DECLARED: tuple[Declared, ...] = (
         _positive,
     ),
     Declared("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", _log_level),
+    Declared(
+        "audit_syslog_host",
+        str,
+        "",
+        "Audit record repository (syslog collector) that receives every audit record as "
+        "DICOM PS3.15 A.5 XML over RFC 5424 syslog. Empty: no export (the trail is kept "
+        "in the index either way).",
+        _optional_host,
+    ),
+    Declared(
+        "audit_syslog_port",
+        int,
+        6514,
+        "Port of the audit collector (6514 is syslog over TLS, RFC 5425; UDP syslog uses 514).",
+        _port,
+    ),
+    Declared(
+        "audit_syslog_transport",
+        str,
+        "tls",
+        "`tls` (RFC 5425: TLS 1.2 or later, the collector's certificate checked against "
+        "`audit_syslog_ca_file`; records wait in the trail while it is down) or `udp` "
+        "(RFC 5426: best effort, a datagram lost on the way is not sent again).",
+        _transport,
+    ),
+    Declared(
+        "audit_syslog_ca_file",
+        str,
+        "",
+        "PEM file of the certificate authorities that may sign the collector's certificate "
+        "(required with `tls`); the collector's name must match `audit_syslog_host`.",
+    ),
+    Declared(
+        "audit_syslog_cert_file",
+        str,
+        "",
+        "PEM client certificate Stockade presents to the collector (mutual TLS, as IHE "
+        "ATNA asks); empty: none.",
+    ),
+    Declared(
+        "audit_syslog_key_file",
+        str,
+        "",
+        "PEM private key of `audit_syslog_cert_file` (unencrypted; keep it mode 0600).",
+    ),
 )
 
 _BY_NAME = {d.name: d for d in DECLARED}
@@ -318,6 +413,10 @@ class Settings:
     max_object_size: int
     max_nesting_depth: int
     max_elements: int
+    max_inflated_size: int
+    screening_actions: str
+    keep_tiff_preamble: bool
+    max_associations_per_peer: int
     allow_replace: bool
     query_max_results: int
     query_case_sensitive_names: bool
@@ -335,6 +434,12 @@ class Settings:
     http_cors_origins: str
     http_max_body_size: int
     log_level: str
+    audit_syslog_host: str
+    audit_syslog_port: int
+    audit_syslog_transport: str
+    audit_syslog_ca_file: str
+    audit_syslog_cert_file: str
+    audit_syslog_key_file: str
 
     @property
     def index_url(self) -> str:
