@@ -1,12 +1,14 @@
-"""The one ingest pipeline: C-STORE, ``stockade import`` and (later) STOW-RS all come here.
+"""The one ingest pipeline: C-STORE, STOW-RS, ``stockade import`` and quarantine releases.
 
 Steps, in order (architecture, "one ingest pipeline"):
 
-1. bounded parse: size cap, :func:`~stockade.dicom.parse.scan` (lengths, depth, element count);
-   deflated data sets are inflated with a cap, never in one go;
-2. sanitise: the stored copy gets a zero preamble and a fresh File Meta Information
-   (PS3.10 7.1, 7.5); the received preamble is classified and recorded; trailing bytes after
-   the data set are not stored;
+1. bounded parse and inspection (:func:`~stockade.dicom.examine.examine`): size cap, the
+   structural walk (lengths, depth, element count) with the hidden-payload inspector as its
+   visitor; deflated data sets are inflated with a cap, never in one go; the pixel
+   description is checked against ``max_decoded_size``;
+2. the hidden-payload policy (PS3.10 7.5, :mod:`stockade.security.policy`): each finding is
+   alerted, stripped, quarantined or rejected; the stored copy gets a zero preamble and a
+   fresh File Meta Information (PS3.10 7.1); trailing bytes after the data set are not stored;
 3. validate: UIDs per PS3.5 9.1, SOP class accepted, command/meta agree with the data set;
 4. stage the blob durably (tmp + fsync) under a key derived from its SHA-256;
 5. record it in the index in one transaction (the staged blob is dropped if that fails);
@@ -25,28 +27,15 @@ from datetime import UTC, datetime
 from stockade.audit.events import Actor, InstanceRejected, InstanceStored, SecurityAlert
 from stockade.audit.sink import AuditSink
 from stockade.dicom.attributes import WANTED_TAGS, extract
-from stockade.dicom.inspect import (
-    Finding,
-    Inspector,
-    Kind,
-    inspect_meta_private,
-    inspect_preamble,
-    inspect_trailing,
-)
-from stockade.dicom.parse import Limits, scan
-from stockade.dicom.part10 import (
-    PreambleKind,
-    classify_preamble,
-    file_header,
-    read_part10,
-)
+from stockade.dicom.examine import check_pixels, examine, file_findings
+from stockade.dicom.inspect import Finding
+from stockade.dicom.parse import Limits
+from stockade.dicom.part10 import PreambleKind, file_header, read_part10
 from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAX_BY_UID
 from stockade.dicom.uids import uid_problem
 from stockade.errors import (
     DatasetMismatch,
     InvalidAttribute,
-    InvalidObject,
-    LimitExceeded,
     ObjectTooLarge,
     Quarantined,
     RefusedByPolicy,
@@ -89,26 +78,6 @@ class StoreResult:
     warnings: tuple[str, ...] = ()
     #: Parts of the object were not stored by policy (PS3.4 B.2.3 warning B006).
     discarded: bool = False
-
-
-def _inflate(data: Buffer, cap: int) -> tuple[bytes, bytes]:
-    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5) with a size cap.
-
-    Inflation stops at *cap* bytes (a deflate bomb never inflates further). Returns the
-    inflated bytes and the bytes after the end of the deflate stream.
-    """
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(data, cap + 1)
-    except zlib.error as exc:
-        raise InvalidObject(f"deflated data set does not inflate: {exc}") from None
-    if len(out) > cap:
-        raise ObjectTooLarge(f"deflated data set inflates past max_inflated_size ({cap} bytes)")
-    if not inflater.eof:
-        raise InvalidObject("deflated data set is truncated")
-    unused = inflater.unused_data
-    # One NUL may pad the deflated stream to an even length (PS3.5 A.5): not trailing data.
-    return out, b"" if unused == b"\x00" else unused
 
 
 @dataclass(frozen=True)
@@ -236,11 +205,7 @@ class Ingest:
                     f"({self.settings.max_object_size})"
                 )
             part10 = read_part10(data)
-            kind = classify_preamble(part10.preamble)
-            found = inspect_preamble(kind)
-            if part10.private_information is not None:
-                start, end = part10.private_information
-                found += inspect_meta_private(memoryview(data)[start:end])
+            kind, found = file_findings(data, part10)
             keep = (
                 part10.preamble
                 if kind is PreambleKind.TIFF and self.settings.keep_tiff_preamble
@@ -260,30 +225,6 @@ class Ingest:
             )
 
         return self._guarded(run, origin, None)
-
-    def _check_pixels(self, inspector: Inspector) -> None:
-        """Check the pixel description against ``max_decoded_size`` before anything decodes
-        it, and native pixel data against its description (PS3.5 8.1.1; SR-13)."""
-        size = inspector.decoded_size()
-        if size is None:
-            return
-        p = inspector.pixels
-        if size > self.settings.max_decoded_size:
-            raise LimitExceeded(
-                f"pixel data would decode to {size} bytes (Rows {p.get('rows', 0)} x Columns "
-                f"{p.get('columns', 0)} x Samples {p.get('samples', 1)} x Bits Allocated "
-                f"{p.get('bits', 8)} x Frames {p.get('frames', 1)}), over max_decoded_size "
-                f"({self.settings.max_decoded_size})"
-            )
-        native = inspector.native_size()
-        if inspector.pixel_data is not None and native is not None and not inspector.encapsulated:
-            _vr, start, end = inspector.pixel_data
-            if end - start < native:
-                raise InvalidAttribute(
-                    f"native Pixel Data (7FE0,0010) holds {end - start} bytes but Rows, "
-                    f"Columns, Samples per Pixel, Bits Allocated and Number of Frames need "
-                    f"{native} (PS3.5 8.1.1)"
-                )
 
     def _hold(
         self,
@@ -391,41 +332,25 @@ class Ingest:
                 f"data set of {len(dataset)} bytes exceeds max_object_size "
                 f"({settings.max_object_size})"
             )
-        ts = TRANSFER_SYNTAX_BY_UID.get(ts_uid)
-        if ts is None:
-            raise InvalidObject(f"transfer syntax {ts_uid[:64]} is not supported")
         warnings: list[str] = []
-        found_here = list(findings or ())
 
         # 1. bounded parse, inspected on the way (PS3.10 7.5)
-        parsed: Buffer = dataset
-        after_stream = b""
-        if ts.deflated:
-            parsed, after_stream = _inflate(dataset, settings.max_inflated_size)
-        inspector = Inspector(parsed, little_endian=ts.little_endian)
-        found = scan(
-            parsed,
-            implicit_vr=ts.implicit_vr,
-            little_endian=ts.little_endian,
-            wanted=WANTED_TAGS,
+        seen = examine(
+            dataset,
+            ts_uid,
             limits=self.limits,
-            visitor=inspector,
+            inflate_cap=settings.max_inflated_size,
+            wanted=WANTED_TAGS,
+            findings=findings,
+            tiff_kept=preamble is not None,
         )
-        tail = memoryview(parsed)[found.end :]
-        found_here += [
-            f
-            for f in inspector.findings
-            # With a kept TIFF preamble, padding holds the TIFF structures (dual format).
-            if preamble is None or f.kind is not Kind.TRAILING_PADDING
-        ]
-        found_here += inspect_trailing(tail)
-        found_here += inspect_trailing(memoryview(after_stream))
-        trailing = len(tail) + len(after_stream)
+        ts, parsed, found = seen.ts, seen.parsed, seen.found
+        trailing = seen.trailing
         attrs = extract(parsed, found.values, little_endian=ts.little_endian)
-        self._check_pixels(inspector)
+        check_pixels(seen.inspector, settings.max_decoded_size)
 
         # 2. the hidden-payload policy
-        verdict = self.policy.judge(found_here, release=release)
+        verdict = self.policy.judge(seen.findings, release=release)
         if verdict.action in (Action.REJECT, Action.QUARANTINE):
             entry = None
             if verdict.action is Action.QUARANTINE:
@@ -446,7 +371,7 @@ class Ingest:
             raise RefusedByPolicy(f"refused by the payload policy: {verdict.summary()}")
         cuts = verdict.cuts()
         stored: Buffer = dataset
-        if cuts or found.end < len(parsed) or after_stream:
+        if cuts or trailing:
             pieces, pos = [], 0
             view = memoryview(parsed)
             for start, end in cuts:

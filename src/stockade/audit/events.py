@@ -48,7 +48,7 @@ class AuditEvent:
 @dataclass(frozen=True, kw_only=True)
 class InstanceStored(AuditEvent):
     """An object was stored, found to be a duplicate, or replaced another (ATNA: DICOM
-    Instances Transferred, PS3.15 A.5.3.3, action Create/Update)."""
+    Instances Transferred, PS3.15 A.5.3.7, action Create/Update)."""
 
     study_uid: str
     sop_instance_uid: str
@@ -76,12 +76,18 @@ class AssociationRejected(AuditEvent):
 
 @dataclass(frozen=True, kw_only=True)
 class SecurityAlert(AuditEvent):
-    """Something suspicious was found in accepted input, e.g. an executable preamble
-    (PS3.15 A.5.3.11)."""
+    """Something suspicious was found in input, e.g. an executable preamble (PS3.15
+    A.5.3.11): one event per finding of the hidden-payload inspection, with the policy's
+    action (alert, strip, quarantine, reject) and, when quarantined, the quarantine id."""
 
     finding: str
     detail: str
     sop_instance_uid: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    where: str | None = None
+    action: str | None = None
+    quarantine_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +129,7 @@ class IntegrityChecked(AuditEvent):
 @dataclass(frozen=True, kw_only=True)
 class InstancesRetrieved(AuditEvent):
     """Stored instances were sent: C-GET, C-MOVE, ``stockade send`` (ATNA: DICOM Instances
-    Transferred, PS3.15 A.5.3.3). One record per operation; outcome failure when any
+    Transferred, PS3.15 A.5.3.7). One record per operation; outcome failure when any
     sub-operation failed or the operation was cancelled."""
 
     service: str  # get | move | send
@@ -140,6 +146,105 @@ class InstancesRetrieved(AuditEvent):
     reason: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class InstancesDeleted(AuditEvent):
+    """Stored instances were deleted: a study, a series or one instance (ATNA: DICOM Study
+    Deleted, PS3.15 A.5.3.8, for a study; DICOM Instances Accessed, A.5.3.6, action Delete,
+    otherwise). Written in the same transaction as the deletion."""
+
+    level: str
+    keys: dict[str, str]
+    study_uids: list[str]
+    patient_ids: list[str]
+    deleted: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstancesExported(AuditEvent):
+    """Stored instances left the archive as files (a download, a ZIP, media) rather than
+    over a DICOM service (ATNA: Data Export, PS3.15 A.5.3.4)."""
+
+    destination: str
+    format: str
+    study_uids: list[str]
+    patient_ids: list[str]
+    count: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyShared(AuditEvent):
+    """Access to a study was granted to someone outside its usual audience, e.g. a share
+    link (ATNA: Security Alert, PS3.15 A.5.3.11, Object Security Attributes Changed)."""
+
+    study_uid: str
+    patient_id: str | None
+    recipient: str
+    expires: str | None = None
+    action: str = "grant"  # grant | revoke
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserLogin(AuditEvent):
+    """A user signed in, or failed to (ATNA: User Authentication, PS3.15 A.5.3.12, Login).
+
+    ``actor.user`` is the name given; the password or token never appears anywhere."""
+
+    method: str  # password | token | ...
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserLogout(AuditEvent):
+    """A session ended (ATNA: User Authentication, PS3.15 A.5.3.12, Logout)."""
+
+    reason: str  # logout | expired | revoked
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserChanged(AuditEvent):
+    """A user account was created, changed or removed (ATNA: Security Alert, PS3.15
+    A.5.3.11, User Security Attributes Changed). Never carries the password itself."""
+
+    target: str
+    action: str  # create | update | password | roles | disable | delete
+    detail: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigurationChanged(AuditEvent):
+    """A setting of the running archive was changed through Stockade (ATNA: Security Alert,
+    PS3.15 A.5.3.11, Software Configuration). Values of secrets are never recorded."""
+
+    setting: str
+    action: str  # set | reset
+    value: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditLogUsed(AuditEvent):
+    """The audit trail was read or verified (ATNA: Audit Log Used, PS3.15 A.5.3.2)."""
+
+    action: str  # list | verify
+    filters: dict[str, str] = field(default_factory=dict)
+    records: int = 0
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuarantineChanged(AuditEvent):
+    """An administrator released a quarantined object into the archive or deleted it
+    (PS3.15 A.5.3.11 Security Alert; the object's findings were alerted on arrival)."""
+
+    action: str  # release | delete
+    quarantine_id: str
+    sop_instance_uid: str | None = None
+    study_uid: str | None = None
+    patient_id: str | None = None
+    reason: str | None = None
+
+
 EVENT_TYPES: tuple[type[AuditEvent], ...] = (
     InstanceStored,
     InstanceRejected,
@@ -150,4 +255,16 @@ EVENT_TYPES: tuple[type[AuditEvent], ...] = (
     NodeChanged,
     IntegrityChecked,
     InstancesRetrieved,
+    InstancesDeleted,
+    InstancesExported,
+    StudyShared,
+    UserLogin,
+    UserLogout,
+    UserChanged,
+    ConfigurationChanged,
+    AuditLogUsed,
+    QuarantineChanged,
 )
+
+#: Event types by name (the ``type`` of a stored record).
+BY_NAME: dict[str, type[AuditEvent]] = {e.__name__: e for e in EVENT_TYPES}

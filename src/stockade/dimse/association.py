@@ -437,7 +437,7 @@ class Association(Link):
             raise _Closed("unsupported application context")
         if full:
             self.reject(0x02, 0x03, 0x02)  # transient, provider (presentation), local limit
-            raise _Closed("too many associations (setting max_associations)")
+            raise _Closed("too many associations (max_associations or max_associations_per_peer)")
         try:
             peer = admit(calling, called, self.address)
         except NotAuthorized as exc:

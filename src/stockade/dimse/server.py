@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 Annex C
 PROCESSING_FAILURE = 0x0110
+ELEMENTS_DISCARDED = 0xB006  # Warning: Elements Discarded (PS3.4 B.2.3)
 #: C-FIND pending responses sent per write (and between looks for a C-CANCEL-RQ).
 FIND_BATCH = 16
 
@@ -79,6 +80,8 @@ class DimseServer:
             acse_timeout=settings.dicom_acse_timeout,
         )
         self._active = 0
+        #: Associations open per peer address (setting max_associations_per_peer).
+        self._per_peer: dict[str, int] = {}
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._stopping = threading.Event()
@@ -125,7 +128,11 @@ class DimseServer:
     def _run(self, conn: socket.socket, address: str) -> None:
         with self._lock:
             self._active += 1
-            full = self._active > self.settings.max_associations
+            held = self._per_peer[address] = self._per_peer.get(address, 0) + 1
+            full = (
+                self._active > self.settings.max_associations
+                or held > self.settings.max_associations_per_peer
+            )
         assoc = Association(conn, address, self.settings.dicom_ae_title, self.contexts, self.limits)
         try:
             peer = assoc.negotiate(self.archive.admit, full)
@@ -146,6 +153,9 @@ class DimseServer:
             conn.close()
             with self._lock:
                 self._active -= 1
+                self._per_peer[address] -= 1
+                if not self._per_peer[address]:
+                    del self._per_peer[address]
                 self._threads.discard(threading.current_thread())
 
     def _dispatch(
@@ -212,7 +222,7 @@ class DimseServer:
         sop_class = str(cmd.get(Tag.AFFECTED_SOP_CLASS_UID, ""))
         sop_instance = str(cmd.get(Tag.AFFECTED_SOP_INSTANCE_UID, ""))
         try:
-            self.archive.store_dimse(
+            result = self.archive.store_dimse(
                 message.dataset or b"",
                 message.transfer_syntax,
                 sop_class_uid=sop_class,
@@ -229,6 +239,8 @@ class DimseServer:
         except Exception:  # the adapter boundary: a bug must not kill the association
             log.exception("C-STORE from %s failed", peer.ae_title)
             return PROCESSING_FAILURE, "internal error while storing; see the server log"
+        if result.discarded:  # the payload policy cut parts out (PS3.4 B.2.3)
+            return ELEMENTS_DISCARDED, "; ".join(result.warnings)[:1024]
         return SUCCESS, None
 
     def _find(self, assoc: Association, peer: Peer, message: Message) -> None:

@@ -29,14 +29,15 @@ Response (PS3.18 10.5.3, Table 10.5.3-1 and the Store Instances Response Module,
 - Referenced SOP Sequence (0008,1199): per stored instance, Referenced SOP Class UID
   (0008,1150), Referenced SOP Instance UID (0008,1155), Retrieve URL (0008,1190), and Warning
   Reason (0008,1196) when ingest reported a warning: 0xB006 *Elements Discarded* when bytes
-  after the data set were not stored, else 0xB000 *Coercion of Data Elements* (a preamble
-  replaced by zeros);
+  after the data set were not stored or the payload policy stripped elements, else 0xB000
+  *Coercion of Data Elements* (a preamble replaced by zeros);
 - Failed SOP Sequence (0008,1198): per failed part, the two UIDs when they could be read and
   are valid UIDs (never an invalid value sent back), and Failure Reason (0008,1197): the error
   tree's status per PS3.4 B.2.3 and PS3.18 10.5.3 (0xA700 out of resources and its 0xA7xx
   sub-codes, 0xA900 data set does not match SOP class or the study of the URL, 0xC000 cannot
-  understand and its 0xCxxx sub-codes, 0x0110 processing failure, 0x0111 duplicate SOP
-  instance, 0x0122 SOP class not supported).
+  understand and its 0xCxxx sub-codes, among them 0xC003 refused and 0xC004 quarantined by
+  the payload policy, 0x0110 processing failure, 0x0111 duplicate SOP instance, 0x0122 SOP
+  class not supported).
 
 The human-readable reason has no standard attribute in these items, so it is carried in a
 private block (PS3.5 7.8.1) reserved by Private Creator (0009,0010) ``STOCKADE``: (0009,1001)
@@ -57,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import zlib
 from collections import deque
 from collections.abc import Mapping
 from contextlib import aclosing
@@ -71,6 +71,7 @@ from starlette.routing import BaseRoute, Route
 
 from stockade.audit.events import InstanceRejected
 from stockade.dicom.attributes import extract
+from stockade.dicom.examine import inflate
 from stockade.dicom.parse import scan
 from stockade.dicom.part10 import PREFIX, ZERO_PREAMBLE, read_part10
 from stockade.dicom.tables import TRANSFER_SYNTAX_BY_UID
@@ -85,6 +86,7 @@ from stockade.errors import (
 from stockade.ingest import Origin
 from stockade.web.app import BASE, PROBLEM, archive_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE, RETRIEVE_URL, tag_hex
+from stockade.web.encoding import BadEncoding, check_coding, decoded
 from stockade.web.multipart import (
     MalformedMultipart,
     MultipartParser,
@@ -212,14 +214,7 @@ def identify(data: bytes | bytearray, archive: Archive) -> Identity:
         raise InvalidObject(f"transfer syntax {part10.transfer_syntax[:64]} is not supported")
     dataset: bytes | memoryview = memoryview(data)[part10.dataset_offset :]
     if ts.deflated:
-        cap = archive.settings.max_object_size
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        try:
-            dataset = inflater.decompress(dataset, cap + 1)
-        except zlib.error:
-            raise InvalidObject("deflated data set does not inflate") from None
-        if len(dataset) > cap:
-            raise ObjectTooLarge(f"deflated data set inflates past max_object_size ({cap} bytes)")
+        dataset, _after = inflate(dataset, archive.settings.max_inflated_size)
     found = scan(
         dataset,
         implicit_vr=ts.implicit_vr,
@@ -251,7 +246,8 @@ class Outcome:
 
 
 def _warning_reason(warnings: list[str]) -> int:
-    return ELEMENTS_DISCARDED if any("not stored" in w for w in warnings) else COERCION
+    discarded = any("not stored" in w or w.startswith("discarded") for w in warnings)
+    return ELEMENTS_DISCARDED if discarded else COERCION
 
 
 _META_START = re.compile(rb"\x02\x00[\x00-\xff]{2}[A-Z]{2}")
@@ -401,6 +397,7 @@ def _check_request(request: Request, archive: Archive) -> bytes:
                 f"the request body of {int(declared)} bytes is larger than "
                 f"http_max_body_size ({limit} bytes)"
             )
+    check_coding(request.headers.get("content-encoding"))
     kind, params = media_type(request.headers.get("content-type", ""))
     if kind != "multipart/related":
         raise UnsupportedMediaType(
@@ -476,7 +473,10 @@ async def store(request: Request) -> Response:
             held -= length
 
     try:
-        parts = read_parts(request.stream(), parser, settings.http_max_body_size)
+        stream = decoded(
+            request.stream(), request.headers.get("content-encoding"), settings.http_max_body_size
+        )
+        parts = read_parts(stream, parser, settings.http_max_body_size)
         async with aclosing(parts):
             async for part in parts:
                 refused = _refused(part, settings.max_object_size)
@@ -493,7 +493,7 @@ async def store(request: Request) -> Response:
                 held += len(body)
                 del body
         await settle(1, 0)
-    except (MalformedMultipart, ObjectTooLarge) as exc:
+    except (MalformedMultipart, ObjectTooLarge, BadEncoding) as exc:
         await settle(1, 0)
         return _stopped(exc, outcomes)
     finally:
