@@ -11,11 +11,13 @@ import argparse
 import asyncio
 import fcntl
 import logging
+import signal
 import socket
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -110,7 +112,17 @@ def serve_http(settings: Settings, sock: socket.socket) -> None:
         archive.close()
 
 
+def _exit(_signum: int, _frame: FrameType | None) -> None:
+    """End the process through ``SystemExit``, so that :func:`serve_http` closes the archive
+    (its decoder processes, its staging folder): uvicorn handles SIGTERM and SIGINT while it
+    serves and raises them again once it has stopped, which would otherwise end the process
+    before its ``finally``."""
+    raise SystemExit(0)
+
+
 def _main() -> int:
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
     parser = argparse.ArgumentParser(prog="stockade-http")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--config", type=Path)
