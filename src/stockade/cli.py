@@ -10,27 +10,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import stat
 import sys
-import zipfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stockade import __version__
+from stockade import __version__, cli_security
 from stockade.app import build_archive, configure_logging
 from stockade.archive import Archive
 from stockade.dicom.attributes import Level
 from stockade.errors import ConfigError, StockadeError
 from stockade.ingest import Origin
 from stockade.settings import DECLARED, Settings, load, markdown
-
-#: ZIP archives: most entries read from one archive, and the largest total read (SR-14).
-MAX_ZIP_ENTRIES = 100_000
-ZIP_MAGIC = b"PK\x03\x04"
+from stockade.walk import items, walk
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -98,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "this archive's DIMSE listener, which must be running and admit the node",
     )
     ret.add_argument("--model", default="study", choices=["study", "patient"])
+    cli_security.add_commands(sub)
     st = sub.add_parser("settings", help="show the settings in force")
     st.add_argument("--markdown", action="store_true", help="print the settings reference")
     return parser
@@ -122,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             from stockade.dimse.workers import serve
 
             return serve(settings, args.config)
+        if args.command == "scan":
+            return cli_security.scan(settings, args)
         if args.command == "settings":
             for name, value in settings.as_dict().items():
                 out.print(f"{name} = {value!s}")
@@ -139,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _query(archive, args)
             if args.command == "retrieve":
                 return _retrieve(archive, args)
+            if args.command == "quarantine":
+                return cli_security.quarantine(archive, args)
             return _node(archive, args)
         finally:
             archive.close()
@@ -165,91 +164,11 @@ def _progress(label: str, *, quiet: bool = False) -> Progress:
     )
 
 
-def _walk(paths: list[Path]) -> Iterator[Path]:
-    for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    yield Path(root) / name
-        else:
-            yield path
-
-
-def _read(path: Path, cap: int) -> bytes:
-    """Read a regular file of at most *cap* bytes (checked before reading)."""
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise StockadeError("not a regular file")
-    if info.st_size > cap:
-        raise StockadeError(f"file of {info.st_size} bytes exceeds max_object_size ({cap})")
-    with path.open("rb") as fh:
-        return fh.read(cap + 1)
-
-
-def _zip_members(path: Path, cap: int) -> Iterator[tuple[str, bytes | StockadeError]]:
-    """Yield (label, bytes or error) for each file in a ZIP, with SR-14/SR-19 limits.
-
-    Entry names are used as labels only, never as paths: nothing is extracted to disk, so a
-    name like ``../../x.dcm`` cannot write anywhere.
-    """
-    with zipfile.ZipFile(path) as archive:
-        infos = archive.infolist()
-        if len(infos) > MAX_ZIP_ENTRIES:
-            yield (
-                str(path),
-                StockadeError(f"ZIP has {len(infos)} entries (limit {MAX_ZIP_ENTRIES})"),
-            )
-            return
-        for info in infos:
-            if info.is_dir():
-                continue
-            label = f"{path}!{info.filename[:200]}"
-            if info.file_size > cap:
-                yield (
-                    label,
-                    StockadeError(
-                        f"entry of {info.file_size} bytes exceeds max_object_size ({cap})"
-                    ),
-                )
-                continue
-            try:
-                with archive.open(info) as member:
-                    data = member.read(cap + 1)  # the declared size may lie: read is capped
-            except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
-                yield label, StockadeError(f"unreadable ZIP entry: {exc}")
-                continue
-            if len(data) > cap:
-                yield label, StockadeError(f"entry exceeds max_object_size ({cap})")
-                continue
-            yield label, data
-
-
-def _items(paths: list[Path], cap: int) -> Iterator[tuple[str, bytes | StockadeError]]:
-    for path in _walk(paths):
-        try:
-            data = _read(path, cap)
-        except StockadeError as exc:
-            yield str(path), exc
-            continue
-        except OSError as exc:
-            yield str(path), StockadeError(f"cannot read: {exc.strerror}")
-            continue
-        is_dicom = len(data) >= 132 and data[128:132] == b"DICM"
-        if not is_dicom and data[:4] == ZIP_MAGIC and zipfile.is_zipfile(path):
-            try:
-                yield from _zip_members(path, cap)
-            except (zipfile.BadZipFile, OSError) as exc:
-                yield str(path), StockadeError(f"broken ZIP: {exc}")
-            continue
-        yield str(path), data
-
-
 def _import(archive: Archive, settings: Settings, paths: list[Path], *, quiet: bool) -> int:
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise ConfigError(f"no such file or folder: {missing[0]}")
-    total = sum(1 for _ in _walk(paths))
+    total = sum(1 for _ in walk(paths))
     tally: Counter[str] = Counter()
     rejected: list[tuple[str, str]] = []
     logging.getLogger("stockade.ingest").setLevel(logging.ERROR)
@@ -258,7 +177,7 @@ def _import(archive: Archive, settings: Settings, paths: list[Path], *, quiet: b
     with progress:
         task = progress.add_task("import", total=total)
         last = ""
-        for label, item in _items(paths, settings.max_object_size):
+        for label, item in items(paths, settings.max_object_size):
             top = label.split("!", 1)[0]
             if top != last:
                 progress.advance(task)

@@ -19,7 +19,6 @@ Steps, in order (architecture, "one ingest pipeline"):
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -370,21 +369,7 @@ class Ingest:
                 )
             raise RefusedByPolicy(f"refused by the payload policy: {verdict.summary()}")
         cuts = verdict.cuts()
-        stored: Buffer = dataset
-        if cuts or trailing:
-            pieces, pos = [], 0
-            view = memoryview(parsed)
-            for start, end in cuts:
-                pieces.append(view[pos:start])
-                pos = end
-            pieces.append(view[pos : found.end])
-            if ts.deflated:
-                compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-                stored = b"".join(compressor.compress(p) for p in pieces) + compressor.flush()
-            elif not cuts:
-                stored = memoryview(dataset)[: found.end]
-            else:
-                stored = b"".join(pieces)
+        stored = seen.kept(dataset, cuts)
         if trailing:
             warnings.append(f"{trailing} bytes after the end of the data set were not stored")
         stripped = [

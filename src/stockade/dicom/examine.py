@@ -90,6 +90,25 @@ class Examined:
         """Bytes after the end of the data set (never stored)."""
         return len(self.parsed) - self.found.end + len(self.after_stream)
 
+    def kept(self, received: Buffer, cuts: list[tuple[int, int]]) -> Buffer:
+        """The data set to keep: *received* without the byte ranges *cuts* (of the parsed
+        data set, ascending, not overlapping) and without trailing bytes; deflated again
+        when it arrived deflated. *received* itself when nothing is removed."""
+        if not cuts and not self.trailing:
+            return received
+        if not cuts and not self.ts.deflated:
+            return memoryview(received)[: self.found.end]
+        view = memoryview(self.parsed)
+        pieces, pos = [], 0
+        for start, end in cuts:
+            pieces.append(view[pos:start])
+            pos = end
+        pieces.append(view[pos : self.found.end])
+        if self.ts.deflated:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+            return b"".join(compressor.compress(p) for p in pieces) + compressor.flush()
+        return b"".join(pieces)
+
 
 def examine(
     dataset: Buffer,
