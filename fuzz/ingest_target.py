@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import atheris
@@ -209,8 +210,8 @@ def one_dimse(harness: _Harness, data: bytes) -> None:
         harness.count(result.outcome)
 
 
-def main(argv: list[str]) -> None:
-    """Start libFuzzer on this target (arguments as for any libFuzzer binary)."""
+def input_function() -> Callable[[bytes], None]:
+    """The function libFuzzer calls with each input (an archive in a fresh folder behind it)."""
     logging.disable(logging.CRITICAL)  # a warning per odd object is noise here
     root = Path(os.environ.get("STOCKADE_FUZZ_WORKDIR") or tempfile.mkdtemp(prefix="stk-fuzz-"))
     harness = _Harness(root)
@@ -224,7 +225,12 @@ def main(argv: list[str]) -> None:
             one_dimse(harness, data)
         harness.clear_audit()
 
-    atheris.Setup(argv, test_one_input)
+    return test_one_input
+
+
+def main(argv: list[str]) -> None:
+    """Start libFuzzer on this target (arguments as for any libFuzzer binary)."""
+    atheris.Setup(argv, input_function())
     atheris.Fuzz()
 
 

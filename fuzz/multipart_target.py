@@ -20,7 +20,7 @@ bound, a hang or memory past ``-rss_limit_mb``. Run it (see ``fuzz/README.md``):
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import atheris
 
@@ -108,9 +108,14 @@ def test_one_input(data: bytes) -> None:
         require(whole == bytewise, f"in one piece {whole[0]}, byte by byte {bytewise[0]}")
 
 
+def input_function() -> Callable[[bytes], None]:
+    """The function libFuzzer calls with each input."""
+    return test_one_input
+
+
 def main(argv: list[str]) -> None:
     """Start libFuzzer on this target (arguments as for any libFuzzer binary)."""
-    atheris.Setup(argv, test_one_input)
+    atheris.Setup(argv, input_function())
     atheris.Fuzz()
 
 
