@@ -159,11 +159,69 @@ def ingest_seeds() -> dict[str, bytes]:
     seeds["trailing-zip.dcm"] = _part10(ct, ExplicitVRLittleEndian) + zip_tail
     plan, _ts = _load("rtplan.dcm")
     seeds["undefined-lengths.dcm"] = _part10(_undefined_lengths(plan), ExplicitVRLittleEndian)
+    seeds.update(_payload_seeds())
     del ct.file_meta
     for ts, index in DIMSE_SYNTAX.items():
         name = {0: "implicit-le", 1: "explicit-le", 2: "deflated", 3: "explicit-be"}[index]
         seeds[f"cstore-{name}.bin"] = bytes([index]) + _bare(ct, ts)
     return seeds
+
+
+def _payload_seeds() -> dict[str, bytes]:
+    """Hidden payloads of the threat model (SR-20), one per finding type of the inspector."""
+    pe = b"MZ" + bytes(58) + struct.pack("<L", 64) + b"PE\x00\x00" + bytes(28)
+    elf = b"\x7fELF\x02\x01\x01" + bytes(57)
+    out: dict[str, bytes] = {}
+    ds = _small_image(1)
+    ds.private_block(0x0009, "STOCKADE SEED", create=True).add_new(0x10, "OB", pe)
+    out["payload-private-pe.dcm"] = _part10(ds, ExplicitVRLittleEndian)
+    ds = _small_image(2)
+    ds.add_new(0x00091010, "LO", "no creator")
+    ds.add_new(0x00090000, "UL", 18)
+    out["private-without-creator-group-length.dcm"] = _part10(ds, ImplicitVRLittleEndian)
+    ds = _small_image(3)
+    ds.add_new(0xFFFCFFFC, "OB", pe)
+    out["trailing-padding-pe.dcm"] = _part10(ds, ExplicitVRLittleEndian)
+    ds = _small_image(4)
+    ds.file_meta = _meta(ds, ExplicitVRLittleEndian)
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.2.1143.9"
+    ds.file_meta.PrivateInformation = elf
+    ds.preamble = bytes(128)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    out["file-meta-private-elf.dcm"] = buf.getvalue()
+    ds = _small_image(5)
+    del ds.PixelData
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n1 0 obj << /OpenAction << /JavaScript (x) >> >>\n%%EOF\n"
+    out["pdf-javascript.dcm"] = _part10(ds, ExplicitVRLittleEndian)
+    ds = _small_image(6)
+    ds.add_new(0x00420011, "OB", b"<?xml version='1.0'?><!DOCTYPE x [<!ENTITY e SYSTEM 'f'>]>")
+    out["xml-entity.dcm"] = _part10(ds, ExplicitVRLittleEndian)
+    return out
+
+
+def _small_image(number: int) -> Dataset:
+    """A small CT image with fixed UIDs (its own SOP Instance UID per *number*)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.2.1143.7.1.{number}"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.2.1143.7.2"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1143.7.3"
+    ds.PatientName = "Seed^Payload"
+    ds.PatientID = "SEED-1"
+    ds.Modality = "CT"
+    ds.Rows = 2
+    ds.Columns = 2
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(4)
+    return ds
 
 
 def _multipart(
