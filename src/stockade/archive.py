@@ -6,9 +6,12 @@ archive: store, verify, peer (node) management and the association admission pol
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import hashlib
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,17 +22,22 @@ from stockade.audit.events import (
     ApplicationActivity,
     AssociationRejected,
     AuditEvent,
+    AuditLogUsed,
+    InstancesDeleted,
     IntegrityChecked,
     NodeChanged,
+    QuarantineChanged,
     QueryPerformed,
 )
-from stockade.audit.sink import AuditSink
+from stockade.audit.sink import AuditSink, Exporter
+from stockade.audit.trail import AuditTrail, TrailCheck
 from stockade.dicom.attributes import Level
 from stockade.dicom.sandbox import Decoder, open_decoder
 from stockade.dicom.uids import ae_title_problem, uid_problem
 from stockade.errors import (
     ConfigError,
     IntegrityError,
+    InvalidQuery,
     NotAuthorized,
     NotFound,
     StockadeError,
@@ -40,6 +48,7 @@ from stockade.index.base import Index, Node, StoredInstance
 from stockade.ingest import Buffer, Ingest, Origin, Receiving, StoreResult
 from stockade.query import Found, build
 from stockade.retrieve import Retrieval, refused, retrieve_query
+from stockade.security.quarantine import QuarantineEntry
 from stockade.settings import Settings, is_loopback
 from stockade.storage.base import BlobStore, RecoveryReport
 
@@ -86,6 +95,15 @@ def _actor_of(peer: Peer | None, via: str) -> Actor:
     return Actor(ae_title=peer.ae_title, address=peer.address, via="dimse")
 
 
+def local_actor() -> Actor:
+    """The audit actor of a command run on this machine: its operating-system account."""
+    try:
+        user = getpass.getuser()[:64]
+    except (KeyError, OSError):  # no name for this uid
+        user = f"uid:{os.getuid()}"
+    return Actor(via="cli", user=user)
+
+
 def _addresses(host: str) -> set[str]:
     try:
         return {str(ipaddress.ip_address(host))}
@@ -109,12 +127,20 @@ class Archive:
     """The facade over storage, index and audit."""
 
     def __init__(
-        self, settings: Settings, store: BlobStore, index: Index, audit: AuditSink
+        self,
+        settings: Settings,
+        store: BlobStore,
+        index: Index,
+        audit: AuditSink,
+        *,
+        exporter: Exporter | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.index = index
         self.audit_sink = audit
+        #: Sends the audit trail to a collector; runs in the process that serves.
+        self.exporter = exporter
         self.ingest = Ingest(settings, store, index, audit)
         #: Where pixel data is decoded and encoded: decoder processes, started when first
         #: needed and stopped by :meth:`close` (threat model SR-13).
@@ -164,19 +190,25 @@ class Archive:
             )
 
     def close(self) -> None:
-        """Release resources (the decoder processes too)."""
+        """Release resources (the decoder processes too); the audit sink is flushed while
+        the index is still open."""
+        if self.exporter is not None:
+            self.exporter.close()
         self.decoder.close()
+        self.audit_sink.close()
         self.store.close()
         self.index.close()
-        self.audit_sink.close()
 
     def audit(self, event: AuditEvent) -> None:
         """Emit an audit event."""
         self.audit_sink.emit(event)
 
     def started(self, via: str) -> None:
-        """Record that the archive started serving."""
+        """Record that the archive started serving; start exporting the audit trail (one
+        process of a serving archive calls this)."""
         self.audit(ApplicationActivity(actor=Actor(via=via), action="start"))
+        if self.exporter is not None:
+            self.exporter.start()
 
     def stopped(self, via: str) -> None:
         """Record that the archive stopped serving."""
@@ -417,7 +449,14 @@ class Archive:
     # -- nodes -----------------------------------------------------------------------------
 
     def add_node(
-        self, name: str, ae_title: str, host: str, port: int, allow: frozenset[str]
+        self,
+        name: str,
+        ae_title: str,
+        host: str,
+        port: int,
+        allow: frozenset[str],
+        *,
+        actor: Actor | None = None,
     ) -> Node:
         """Configure a DICOM peer."""
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
@@ -434,19 +473,202 @@ class Archive:
             raise ConfigError(f"unknown service(s) {sorted(unknown)}; use {sorted(SERVICES)}")
         node = Node(name, ae_title, host, port, allow)
         self.index.add_node(node)
-        self.audit(NodeChanged(actor=Actor(via="cli"), name=name, action="add"))
+        self.audit(NodeChanged(actor=actor or local_actor(), name=name, action="add"))
         return node
 
-    def remove_node(self, name: str) -> bool:
+    def remove_node(self, name: str, *, actor: Actor | None = None) -> bool:
         """Remove a DICOM peer."""
         removed = self.index.remove_node(name)
         if removed:
-            self.audit(NodeChanged(actor=Actor(via="cli"), name=name, action="remove"))
+            self.audit(NodeChanged(actor=actor or local_actor(), name=name, action="remove"))
         return removed
+
+    # -- deleting --------------------------------------------------------------------------
+
+    def delete(
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        *,
+        actor: Actor,
+    ) -> list[StoredInstance]:
+        """Delete a study, one series of it, or one instance of that series.
+
+        The index rows go in one transaction, which also writes the ``InstancesDeleted``
+        audit record when the sink is the trail (so the deletion and its record commit
+        together); then the blobs and the cached metadata of the series are removed. A
+        blob whose removal is interrupted stays queued and start-up removes it.
+
+        Raises
+        ------
+        InvalidQuery
+            A UID is not valid, or an instance is named without its series.
+        NotFound
+            Nothing matches (audited as a failure).
+        """
+        level = Level.IMAGE if sop_instance_uid else Level.SERIES if series_uid else Level.STUDY
+        keys = {
+            k: v[:256]
+            for k, v in (
+                ("StudyInstanceUID", study_uid),
+                ("SeriesInstanceUID", series_uid),
+                ("SOPInstanceUID", sop_instance_uid),
+            )
+            if v
+        }
+
+        def event(gone: list[StoredInstance], reason: str | None = None) -> InstancesDeleted:
+            return InstancesDeleted(
+                actor=actor,
+                outcome="failure" if reason else "success",
+                level=str(level),
+                keys=keys,
+                study_uids=sorted({i.study_instance_uid for i in gone} or {study_uid[:64]}),
+                patient_ids=sorted({i.patient_id for i in gone if i.patient_id}),
+                deleted=len(gone),
+                reason=reason,
+            )
+
+        try:
+            for value in (study_uid, series_uid, sop_instance_uid):
+                if value is not None and uid_problem(value):
+                    raise InvalidQuery(f"{value[:70]!r} is not a valid UID")
+            if sop_instance_uid and not series_uid:
+                raise InvalidQuery("an instance is deleted with its series (--series)")
+        except StockadeError as exc:
+            self.audit(event([], exc.reason))
+            raise
+        trail = self.audit_sink if isinstance(self.audit_sink, AuditTrail) else None
+
+        def record(conn: object, gone: list[StoredInstance]) -> None:
+            if trail is not None and gone:
+                trail.append_in(conn, [event(gone)])  # type: ignore[arg-type]
+
+        gone = self.index.delete_instances(
+            study_uid, series_uid, sop_instance_uid, before_commit=record
+        )
+        if not gone:
+            self.audit(event([], f"no {level} matches {keys}"))
+            raise NotFound(f"no {level} matches {keys}")
+        if trail is None:
+            self.audit(event(gone))
+        for key in sorted({i.blob_key for i in gone}):
+            try:
+                self.store.delete(key)
+            except StorageFailure as exc:  # queued: start-up tries again
+                log.warning("blob %s not deleted yet: %s", key, exc.reason)
+                continue
+            self.index.forget_deletion(key)
+        for study, series in sorted({(i.study_instance_uid, i.series_instance_uid) for i in gone}):
+            path, _ = self._metadata_place(study, series, [])
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        log.info("deleted %d instance(s) of %s %s", len(gone), level, keys)
+        return gone
+
+    # -- the audit trail -------------------------------------------------------------------
+
+    def _trail(self) -> AuditTrail:
+        if not isinstance(self.audit_sink, AuditTrail):
+            raise ConfigError("this archive's audit sink is not the hash-chained trail")
+        return self.audit_sink
+
+    def audit_records(
+        self, *, actor: Actor, limit: int = 1000, **filters: str | None
+    ) -> list[dict[str, object]]:
+        """Audit records matching *filters* (see :meth:`AuditTrail.records`); the reading
+        is audited itself (``AuditLogUsed``)."""
+        used = {k: str(v)[:256] for k, v in filters.items() if v}
+        try:
+            found = self._trail().records(limit=limit, **filters)
+        except StockadeError as exc:
+            self.audit(
+                AuditLogUsed(
+                    actor=actor, outcome="failure", action="list", filters=used, reason=exc.reason
+                )
+            )
+            raise
+        self.audit(AuditLogUsed(actor=actor, action="list", filters=used, records=len(found)))
+        return found
+
+    def audit_verify(self, *, actor: Actor) -> TrailCheck:
+        """Verify the audit trail's hash chain (see :meth:`AuditTrail.verify`); audited."""
+        check = self._trail().verify()
+        self.audit(
+            AuditLogUsed(
+                actor=actor,
+                outcome="success" if check.ok else "failure",
+                action="verify",
+                records=check.checked,
+                reason=check.reason,
+            )
+        )
+        return check
 
     def nodes(self) -> list[Node]:
         """Configured DICOM peers."""
         return self.index.nodes()
+
+    # -- quarantine (the hidden-payload policy, PS3.10 7.5) ------------------------------
+
+    def quarantined(self) -> list[QuarantineEntry]:
+        """Objects held in quarantine, oldest first (for administrators)."""
+        return list(self.ingest.quarantine.entries())
+
+    def quarantine_entry(self, qid: str) -> QuarantineEntry:
+        """One quarantined object's entry (NotFound when there is none)."""
+        return self.ingest.quarantine.get(qid)
+
+    def release(self, qid: str, *, actor: Actor) -> StoreResult:
+        """Store a quarantined object after all: it runs through the ingest pipeline again,
+        its findings only alerted (strips still apply), then leaves the quarantine.
+
+        Raises
+        ------
+        NotFound
+            No such quarantined object.
+        StockadeError
+            Ingest refused it for another reason (it stays in quarantine).
+        """
+        entry = self.ingest.quarantine.get(qid)
+        data = self.ingest.quarantine.read(qid)
+        def event(outcome: str = "success", reason: str | None = None) -> QuarantineChanged:
+            return QuarantineChanged(
+                actor=actor,
+                outcome=outcome,
+                action="release",
+                quarantine_id=entry.id,
+                sop_instance_uid=entry.sop_instance_uid,
+                study_uid=entry.study_uid,
+                patient_id=entry.patient_id,
+                reason=reason,
+            )
+
+        origin = Origin(via="release", address=actor.address, user=actor.user)
+        try:
+            result = self.ingest.from_file(data, origin, release=True)
+        except StockadeError as exc:
+            self.audit(event("failure", exc.reason))
+            raise
+        self.ingest.quarantine.remove(qid)
+        self.audit(event())
+        return result
+
+    def discard_quarantined(self, qid: str, *, actor: Actor) -> QuarantineEntry:
+        """Delete a quarantined object for good."""
+        entry = self.ingest.quarantine.remove(qid)
+        self.audit(
+            QuarantineChanged(
+                actor=actor,
+                action="delete",
+                quarantine_id=entry.id,
+                sop_instance_uid=entry.sop_instance_uid,
+                study_uid=entry.study_uid,
+                patient_id=entry.patient_id,
+            )
+        )
+        return entry
 
     # -- integrity -------------------------------------------------------------------------
 
@@ -502,7 +724,7 @@ class Archive:
                 report.problems.append(f"blob {key} is in storage but not in the index")
         self.audit(
             IntegrityChecked(
-                actor=Actor(via="cli"),
+                actor=local_actor(),
                 checked=report.checked,
                 problems=len(report.problems),
                 outcome="success" if report.ok else "failure",

@@ -1,11 +1,8 @@
-"""Audit sinks: where events go. The full hash-chained trail replaces the file sink later."""
+"""Audit sinks: where events go (the trail, :mod:`stockade.audit.trail`, in an archive)."""
 
 from __future__ import annotations
 
-import json
-import os
 import threading
-from pathlib import Path
 from typing import Protocol
 
 from stockade.audit.events import AuditEvent
@@ -21,31 +18,14 @@ class AuditSink(Protocol):
         """Flush and release."""
 
 
-class JsonLinesAuditSink:
-    """Appends one JSON object per event to a file opened with O_APPEND (mode 0600).
+class Exporter(Protocol):
+    """Sends the audit trail elsewhere (:class:`stockade.audit.syslog.SyslogExporter`)."""
 
-    Each record is written with a single ``write`` call so that records from several worker
-    processes never interleave.
-    """
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._lock = threading.Lock()
-
-    def emit(self, event: AuditEvent) -> None:
-        """Append the event as one line."""
-        line = json.dumps(event.as_record(), ensure_ascii=True, separators=(",", ":")) + "\n"
-        with self._lock:
-            os.write(self._fd, line.encode("ascii"))
+    def start(self) -> None:
+        """Begin sending in the background."""
 
     def close(self) -> None:
-        """Close the file."""
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+        """Stop sending and release."""
 
 
 class MemoryAuditSink:

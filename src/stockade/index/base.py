@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from stockade.query import Found, Query
 
@@ -118,6 +118,17 @@ class Index(Protocol):
 
     def forget_instance(self, sop_instance_uid: str) -> None:
         """Remove an instance whose blob was lost before it was acknowledged."""
+
+    def delete_instances(
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        *,
+        before_commit: Callable[[Any, list[StoredInstance]], None] | None = None,
+    ) -> list[StoredInstance]:
+        """Delete a study, series or instance in one transaction; queue the blobs for
+        deletion; run *before_commit* in that transaction. Returns what was deleted."""
 
     def staging_journal(self) -> list[JournalEntry]:
         """Instances recorded while their blob was being synced, not yet marked published."""

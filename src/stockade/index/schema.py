@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -134,4 +135,33 @@ staging_journal = Table(
     Column("area", String(64), nullable=False, index=True),
     Column("instance_pk", Id, nullable=False),
     Column("sha256", String(64), nullable=False),
+)
+
+#: The audit trail (``audit/trail.py``): append-only, one linear hash chain over all
+#: processes. ``record`` is the canonical JSON the hash covers; the other columns are
+#: copies of its fields for filtering, checked against it by verification.
+audit_record = Table(
+    "audit_record",
+    metadata,
+    Column("seq", Id, primary_key=True, autoincrement=False),
+    Column("time", String(40), nullable=False, index=True),
+    Column("type", String(40), nullable=False, index=True),
+    Column("outcome", String(16), nullable=False),
+    Column("actor_user", String(128), index=True),
+    Column("actor_ae", String(16), index=True),
+    Column("actor_address", String(64)),
+    Column("via", String(16), nullable=False),
+    Column("record", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+#: The patients and studies an audit record concerns (kind ``P`` or ``S``), for listing
+#: by patient or study; derived from the record and checked against it by verification.
+audit_subject = Table(
+    "audit_subject",
+    metadata,
+    Column("kind", String(1), primary_key=True),
+    Column("value", String(64), primary_key=True),
+    Column("seq", Id, primary_key=True, autoincrement=False, index=True),
 )

@@ -19,7 +19,7 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -276,58 +276,129 @@ class SqlIndex:
             ).first()
             if row is None:
                 return
-            conn.execute(staging_journal.delete().where(staging_journal.c.instance_pk == row.id))
-            conn.execute(instances.delete().where(instances.c.id == row.id))
-            left = conn.execute(
-                select(func.count()).where(instances.c.series_pk == row.series_pk)
-            ).scalar_one()
-            study_pk = conn.execute(
-                select(series.c.study_pk).where(series.c.id == row.series_pk)
-            ).scalar_one()
-            if left:
-                conn.execute(
-                    update(series)
-                    .where(series.c.id == row.series_pk)
-                    .values(num_instances=series.c.num_instances - 1)
-                )
-            else:
-                conn.execute(series.delete().where(series.c.id == row.series_pk))
-            modalities = (
-                conn.execute(
-                    select(series.c.modality)
-                    .where(series.c.study_pk == study_pk, series.c.modality.is_not(None))
-                    .distinct()
-                )
-                .scalars()
-                .all()
-            )
+            self._remove_instance(conn, row.id, row.series_pk)
+
+    @staticmethod
+    def _remove_instance(conn: Connection, instance_pk: int, series_pk: int) -> None:
+        """Delete one instance row; fix its parents' counters; drop parents left empty."""
+        conn.execute(staging_journal.delete().where(staging_journal.c.instance_pk == instance_pk))
+        conn.execute(instances.delete().where(instances.c.id == instance_pk))
+        left = conn.execute(
+            select(func.count()).where(instances.c.series_pk == series_pk)
+        ).scalar_one()
+        study_pk = conn.execute(
+            select(series.c.study_pk).where(series.c.id == series_pk)
+        ).scalar_one()
+        if left:
             conn.execute(
-                update(studies)
-                .where(studies.c.id == study_pk)
-                .values(
-                    num_instances=studies.c.num_instances - 1,
-                    num_series=studies.c.num_series - (0 if left else 1),
-                    modalities="\\".join(sorted(modalities))[:256] or None,
-                    updated_at=_now(),
-                )
+                update(series)
+                .where(series.c.id == series_pk)
+                .values(num_instances=series.c.num_instances - 1)
             )
-            study = conn.execute(
-                select(studies.c.num_instances, studies.c.patient_pk).where(
-                    studies.c.id == study_pk
-                )
-            ).one()
-            if study.num_instances == 0:
-                patient_pk = study.patient_pk
-                conn.execute(studies.delete().where(studies.c.id == study_pk))
-                conn.execute(
-                    update(patients)
-                    .where(patients.c.id == patient_pk)
-                    .values(num_studies=patients.c.num_studies - 1)
-                )
-                if not conn.execute(
-                    select(func.count()).where(studies.c.patient_pk == patient_pk)
-                ).scalar_one():
-                    conn.execute(patients.delete().where(patients.c.id == patient_pk))
+        else:
+            conn.execute(series.delete().where(series.c.id == series_pk))
+        modalities = (
+            conn.execute(
+                select(series.c.modality)
+                .where(series.c.study_pk == study_pk, series.c.modality.is_not(None))
+                .distinct()
+            )
+            .scalars()
+            .all()
+        )
+        conn.execute(
+            update(studies)
+            .where(studies.c.id == study_pk)
+            .values(
+                num_instances=studies.c.num_instances - 1,
+                num_series=studies.c.num_series - (0 if left else 1),
+                modalities="\\".join(sorted(modalities))[:256] or None,
+                updated_at=_now(),
+            )
+        )
+        study = conn.execute(
+            select(studies.c.num_instances, studies.c.patient_pk).where(studies.c.id == study_pk)
+        ).one()
+        if study.num_instances == 0:
+            patient_pk = study.patient_pk
+            conn.execute(studies.delete().where(studies.c.id == study_pk))
+            conn.execute(
+                update(patients)
+                .where(patients.c.id == patient_pk)
+                .values(num_studies=patients.c.num_studies - 1)
+            )
+            if not conn.execute(
+                select(func.count()).where(studies.c.patient_pk == patient_pk)
+            ).scalar_one():
+                conn.execute(patients.delete().where(patients.c.id == patient_pk))
+
+    def delete_instances(
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        *,
+        before_commit: Callable[[Connection, list[StoredInstance]], None] | None = None,
+    ) -> list[StoredInstance]:
+        """Delete a study, a series of it, or one instance of that series, in one transaction.
+
+        Counters and the modality list are kept right and parents left empty go too; the blob
+        of every deleted row is queued for deletion (``blob_deletions``: the caller deletes it
+        and calls :meth:`forget_deletion`; after a crash, start-up does). *before_commit* runs
+        in the same transaction with the deleted instances (the audit record of the
+        deletion). Returns the deleted instances, none if nothing matched.
+        """
+        stmt = self._stored.add_columns(instances.c.id, instances.c.series_pk).where(
+            studies.c.study_uid == study_uid
+        )
+        if series_uid is not None:
+            stmt = stmt.where(series.c.series_uid == series_uid)
+        if sop_instance_uid is not None:
+            stmt = stmt.where(instances.c.sop_uid == sop_instance_uid)
+        width = len(STORED_COLUMNS)
+        try:
+            with self._thread_lock, self._process_lock, self._writing() as conn:
+                rows = conn.execute(stmt.order_by(instances.c.id)).all()
+                gone = [StoredInstance(*row[:width]) for row in rows]
+                for row in rows:
+                    self._remove_instance(conn, row[width], row[width + 1])
+                for key in sorted({inst.blob_key for inst in gone}):
+                    referenced = conn.execute(
+                        select(instances.c.id).where(instances.c.blob_key == key).limit(1)
+                    ).first()
+                    queued = conn.execute(
+                        select(blob_deletions.c.blob_key).where(blob_deletions.c.blob_key == key)
+                    ).first()
+                    if referenced is None and queued is None:
+                        conn.execute(blob_deletions.insert().values(blob_key=key, queued_at=_now()))
+                if before_commit is not None:
+                    before_commit(conn, gone)
+        except SQLAlchemyError as exc:
+            log.error("index delete failed: %s", exc.__class__.__name__, exc_info=exc)
+            raise IndexFailure(f"the index could not delete ({exc.__class__.__name__})") from None
+        return gone
+
+    @contextlib.contextmanager
+    def chained(self, lock_key: int) -> Iterator[Connection]:
+        """A write transaction that no other holder of *lock_key* in any process runs beside:
+        for an append-only chain whose next entry depends on the last one (the audit trail).
+
+        SQLite: the file lock every writer of the index takes, then ``BEGIN IMMEDIATE``.
+        PostgreSQL: ``pg_advisory_xact_lock(lock_key)``, held until the transaction ends (at
+        READ COMMITTED each later statement then sees what the previous holder committed).
+        The commit is durable when the block ends.
+        """
+        with self._process_lock, self._write() as conn, conn.begin():
+            if self.engine.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(lock_key)))
+            yield conn
+        self._sync_wal()
+
+    @contextlib.contextmanager
+    def reading(self, what: str) -> Iterator[Connection]:
+        """A read connection (a database error becomes :class:`IndexFailure`)."""
+        with self._reading(what) as conn:
+            yield conn
 
     # -- reading ---------------------------------------------------------------------------
 
