@@ -26,6 +26,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -89,10 +90,10 @@ def _trim(ds: Dataset) -> None:
 
 def _meta(ds: Dataset, ts: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "1.2.826.0.1.3680043.2.1143.1")
-    meta.TransferSyntaxUID = ts
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.2.1143.107.104.103.115"
+    meta.MediaStorageSOPClassUID = UID(ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7"))
+    meta.MediaStorageSOPInstanceUID = UID(ds.get("SOPInstanceUID", "1.2.826.0.1.3680043.2.1143.1"))
+    meta.TransferSyntaxUID = UID(ts)
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.2.1143.107.104.103.115")
     return meta
 
 
@@ -184,7 +185,7 @@ def _payload_seeds() -> dict[str, bytes]:
     out["trailing-padding-pe.dcm"] = _part10(ds, ExplicitVRLittleEndian)
     ds = _small_image(4)
     ds.file_meta = _meta(ds, ExplicitVRLittleEndian)
-    ds.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.2.1143.9"
+    ds.file_meta.PrivateInformationCreatorUID = UID("1.2.826.0.1.3680043.2.1143.9")
     ds.file_meta.PrivateInformation = elf
     ds.preamble = bytes(128)
     buf = io.BytesIO()

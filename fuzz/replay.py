@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             count += 1
     finally:
         sys.settrace(None)
-        threading.settrace(None)  # type: ignore[arg-type]
+        threading.settrace(None)
     print(f"{count} inputs replayed through the {args.target} target")
     for path in files:
         lines = function_lines(path)
