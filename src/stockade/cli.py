@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stockade import __version__, cli_security
+from stockade import __version__, cli_audit, cli_security
 from stockade.app import build_archive, configure_logging
 from stockade.archive import Archive
 from stockade.dicom.attributes import Level
@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ret.add_argument("--model", default="study", choices=["study", "patient"])
     cli_security.add_commands(sub)
+    cli_audit.add_commands(sub)
     st = sub.add_parser("settings", help="show the settings in force")
     st.add_argument("--markdown", action="store_true", help="print the settings reference")
     return parser
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _retrieve(archive, args)
             if args.command == "quarantine":
                 return cli_security.quarantine(archive, args)
+            if args.command in cli_audit.COMMANDS:
+                return cli_audit.run(archive, args)
             return _node(archive, args)
         finally:
             archive.close()

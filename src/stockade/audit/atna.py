@@ -116,6 +116,7 @@ KINDS: Mapping[str, EventKind] = {
     "UserChanged": EventKind(SECURITY_ALERT, "E", USER_SECURITY_CHANGED),
     "ConfigurationChanged": EventKind(SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION),
     "AuditLogUsed": EventKind(AUDIT_LOG_USED, "R"),
+    "QuarantineChanged": EventKind(SECURITY_ALERT, "E", _own("quarantine", "Quarantine changed")),
 }
 
 
@@ -415,7 +416,16 @@ def _objects(
         )
     elif name == "AuditLogUsed":
         _object(root, "urn:stockade:audit-trail", "2", "13", ID_URI, name="Security Audit Log")
-    elif name == "StudyShared":
+    elif name == "QuarantineChanged":
+        uid = record.get("sop_instance_uid")
+        _object(
+            root,
+            f"urn:oid:{uid}" if uid else f"urn:stockade:quarantine:{record.get('quarantine_id')}",
+            "2",
+            "13",
+            ID_URI,
+            description=f"quarantine {record.get('action')}",
+        )
         _subjects(root, record)
     else:
         _subjects(root, record)
