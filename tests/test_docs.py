@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from stockade.audit.events import EVENT_TYPES
+from stockade.audit.events import EVENT_TYPES, AuditEvent
 from stockade.dicom.tables import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from stockade.settings import DECLARED, markdown
 
@@ -21,6 +22,25 @@ def test_settings_doc_is_current() -> None:
 def test_every_audit_event_is_documented() -> None:
     text = (DOCS / "audit-events.md").read_text(encoding="utf-8")
     missing = [e.__name__ for e in EVENT_TYPES if f"`{e.__name__}`" not in text]
+    assert not missing
+
+
+def test_every_audit_event_field_is_documented() -> None:
+    """Each field of each event is named in that event's row of the table (the first row
+    that starts with the event's name); the fields every record has, in their own table."""
+    text = (DOCS / "audit-events.md").read_text(encoding="utf-8")
+    rows: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            rows.setdefault(line.split("|")[1].strip(), line)
+    common = {f.name for f in dataclasses.fields(AuditEvent)}
+    missing = [
+        f"{event.__name__}.{f.name}"
+        for event in EVENT_TYPES
+        for f in dataclasses.fields(event)
+        if f.name not in common and f"`{f.name}`" not in rows.get(f"`{event.__name__}`", "")
+    ]
+    missing += [name for name in sorted(common | {"seq", "type"}) if f"`{name}`" not in rows]
     assert not missing
 
 
