@@ -390,6 +390,12 @@ def _parser() -> argparse.ArgumentParser:
         "postgresql+psycopg://postgres@127.0.0.1:5432/postgres); each run gets a fresh "
         "schema, dropped afterwards",
     )
+    add(
+        "--syslog",
+        choices=["udp", "tls"],
+        help="also measure Stockade exporting its audit trail to a syslog collector run by "
+        "the benchmark on loopback (RFC 5426 UDP or RFC 5425 TLS), beside Stockade without",
+    )
     add("--json", type=Path, help="also write the results to this JSON file")
     add("--timeout", type=float, default=900, help="seconds one load may take (default 900)")
     add(
@@ -441,6 +447,16 @@ def _targets(args: argparse.Namespace) -> list[Target]:
                     database_url=args.database_url,
                 )
             )
+            if args.syslog:
+                targets.append(
+                    Stockade(
+                        args.startup_timeout,
+                        args.keep_data,
+                        workers=args.stockade_workers,
+                        database_url=args.database_url,
+                        syslog=args.syslog,
+                    )
+                )
         elif name == "orthanc":
             if Orthanc.available():
                 targets.append(Orthanc(args.startup_timeout, args.keep_data))

@@ -105,15 +105,26 @@ class Stockade(Target):
     ae = "STOCKADE"
 
     def __init__(
-        self, startup_timeout: float, keep_data: bool, *, workers: int, database_url: str | None
+        self,
+        startup_timeout: float,
+        keep_data: bool,
+        *,
+        workers: int,
+        database_url: str | None,
+        syslog: str | None = None,
     ) -> None:
         super().__init__(startup_timeout, keep_data)
         self.workers = workers
         self.database_url = database_url
+        #: Export the audit trail to a collector run by the benchmark: "udp" or "tls".
+        self.syslog = syslog
+        if syslog:
+            self.key = f"stockade-syslog-{syslog}"
 
     @property
     def title(self) -> str:
-        return "Stockade (PostgreSQL)" if self.database_url else "Stockade (SQLite)"
+        index = "PostgreSQL" if self.database_url else "SQLite"
+        return f"Stockade ({index}, syslog {self.syslog})" if self.syslog else f"Stockade ({index})"
 
     def describe(self) -> dict[str, str]:
         """Stockade version, git revision of the checkout, index and workers."""
@@ -159,6 +170,10 @@ class Stockade(Target):
                 settings["STOCKADE_DATABASE_URL"] = stack.enter_context(
                     _fresh_schema(self.database_url)
                 )
+            collector = None
+            if self.syslog:
+                collector = stack.enter_context(SyslogCollector(self.syslog, run_dir))
+                settings.update(collector.settings())
             env = self._env(settings)
             service = stack.enter_context(
                 Service(
@@ -183,7 +198,7 @@ class Stockade(Target):
             def verify() -> int:
                 return _stockade_verify(env, run_dir / "verify.log")
 
-            yield Session(
+            session = Session(
                 self.ae,
                 port,
                 service,
@@ -192,6 +207,149 @@ class Stockade(Target):
                 notes=notes,
                 http_port=http_port,
             )
+            if collector is not None:
+                session.notes["syslog"] = f"{self.syslog} collector on 127.0.0.1:{collector.port}"
+            yield session
+            if collector is not None:
+                print(
+                    f"syslog collector ({self.syslog}): {collector.count} messages received",
+                    flush=True,
+                )
+
+
+class SyslogCollector:
+    """An audit record repository on loopback for the benchmark: counts RFC 5424 messages
+    received over UDP (RFC 5426) or TLS (RFC 5425, octet counting; a CA and a certificate
+    for 127.0.0.1 are made for the run with ``cryptography``)."""
+
+    def __init__(self, transport: str, run_dir: Path) -> None:
+        import socket
+
+        self.transport = transport
+        self.folder = run_dir / "syslog"
+        self.count = 0
+        kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+        self.sock = socket.socket(socket.AF_INET, kind)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.stopping = False
+
+    def settings(self) -> dict[str, str]:
+        """The STOCKADE_* variables that point Stockade at this collector."""
+        out = {
+            "STOCKADE_AUDIT_SYSLOG_HOST": "127.0.0.1",
+            "STOCKADE_AUDIT_SYSLOG_PORT": str(self.port),
+            "STOCKADE_AUDIT_SYSLOG_TRANSPORT": self.transport,
+        }
+        if self.transport == "tls":
+            out["STOCKADE_AUDIT_SYSLOG_CA_FILE"] = str(self.folder / "ca.pem")
+        return out
+
+    def __enter__(self) -> SyslogCollector:
+        import threading
+
+        if self.transport == "tls":
+            self._certificates()
+            self.sock.listen(8)
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import socket
+
+        self.stopping = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        import ssl
+        import threading
+
+        if self.transport == "udp":
+            while not self.stopping:
+                try:
+                    self.sock.recv(65535)
+                except OSError:
+                    return
+                self.count += 1
+            return
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.folder / "cert.pem", self.folder / "key.pem")
+        while not self.stopping:
+            try:
+                raw, _ = self.sock.accept()
+                conn = context.wrap_socket(raw, server_side=True)
+            except (OSError, ssl.SSLError):
+                if self.stopping:
+                    return
+                continue
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: object) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = conn.recv(1 << 16)  # type: ignore[attr-defined]
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            while True:  # MSG-LEN SP SYSLOG-MSG
+                length, space, rest = buffer.partition(b" ")
+                if not space or not length.isdigit() or len(rest) < int(length):
+                    break
+                buffer = rest[int(length) :]
+                self.count += 1
+
+    def _certificates(self) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key, key = (
+            ec.generate_private_key(ec.SECP256R1()),
+            ec.generate_private_key(ec.SECP256R1()),
+        )
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collector")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        pem = serialization.Encoding.PEM
+        (self.folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+        (self.folder / "cert.pem").write_bytes(cert.public_bytes(pem))
+        (self.folder / "key.pem").write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
 
 
 def _git_changes() -> str:
