@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 
 from pydicom import config, dcmread
-from pydicom.data import get_testdata_file
+from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_fragments
@@ -82,6 +82,11 @@ def _trim(ds: Dataset) -> None:
             first = first[:MAX_BINARY]
             ds[elem.tag] = DataElement(elem.tag, elem.VR, encapsulate([first]))
             ds[elem.tag].is_undefined_length = True
+        elif elem.tag == 0x7FE00010 and "Rows" in ds:
+            # Native pixel data: a 2 x 2 image, so that it still matches its description.
+            ds.Rows = ds.Columns = 2
+            per_pixel = ds.get("SamplesPerPixel", 1) * ds.get("BitsAllocated", 16) // 8
+            elem.value = elem.value[: 4 * per_pixel].ljust(4 * per_pixel, b"\x00")
         elif isinstance(elem.value, bytes) and len(elem.value) > MAX_BINARY:
             elem.value = elem.value[:MAX_BINARY]
     if "NumberOfFrames" in ds:
@@ -118,8 +123,18 @@ def _bare(ds: Dataset, ts: str) -> bytes:
     return raw
 
 
+#: pydicom's character set test files: Specific Character Set with code extensions.
+CHARSETS = {
+    "chrH31.dcm": "charset-iso2022-jp",
+    "chrKoreanMulti.dcm": "charset-iso2022-kr",
+    "chrI2.dcm": "charset-iso2022-jp-2",
+    "chrX2.dcm": "charset-gb18030",
+    "chrArab.dcm": "charset-arabic",
+}
+
+
 def _load(name: str) -> tuple[Dataset, str]:
-    path = get_testdata_file(name)
+    path = get_testdata_file(name) if name not in CHARSETS else _charset_file(name)
     if path is None:
         raise SystemExit(f"pydicom test file {name} not found")
     ds = dcmread(path, force=True)
@@ -131,6 +146,25 @@ def _load(name: str) -> tuple[Dataset, str]:
         ds.StudyInstanceUID = ds.SOPInstanceUID + ".1"
         ds.SeriesInstanceUID = ds.SOPInstanceUID + ".2"
     return ds, ts
+
+
+def _charset_file(name: str) -> str | None:
+    found = get_charset_files(name)
+    return found[0] if found else None
+
+
+def _nested(depth: int) -> Dataset:
+    """A data set whose sequences nest *depth* deep, alternating defined and undefined lengths."""
+    inner = Dataset()
+    inner.CodeValue = "X"
+    for level in range(depth):
+        outer = Dataset()
+        outer.CodeValue = str(level)
+        elem = DataElement(0x00400260, "SQ", Sequence([inner]), is_undefined_length=level % 2 == 0)
+        inner.is_undefined_length_sequence_item = level % 2 == 1
+        outer.add(elem)
+        inner = outer
+    return inner
 
 
 def _undefined_lengths(ds: Dataset) -> Dataset:
@@ -161,6 +195,28 @@ def ingest_seeds() -> dict[str, bytes]:
     plan, _ts = _load("rtplan.dcm")
     seeds["undefined-lengths.dcm"] = _part10(_undefined_lengths(plan), ExplicitVRLittleEndian)
     seeds.update(_payload_seeds())
+    for source, name in CHARSETS.items():
+        ds, ts = _load(source)
+        seeds[f"{name}.dcm"] = _part10(ds, ts)
+    deep = _nested(7)  # one level under the target's max_depth: mutations cross it
+    deep.SOPClassUID = ct.SOPClassUID
+    deep.SOPInstanceUID = ct.SOPInstanceUID + ".7"
+    deep.StudyInstanceUID = ct.StudyInstanceUID
+    deep.SeriesInstanceUID = ct.SeriesInstanceUID
+    seeds["nested-7-deep.dcm"] = _part10(deep, ExplicitVRLittleEndian)
+    many = Dataset()
+    many.SOPClassUID = ct.SOPClassUID
+    many.SOPInstanceUID = ct.SOPInstanceUID + ".8"
+    many.StudyInstanceUID = ct.StudyInstanceUID
+    many.SeriesInstanceUID = ct.SeriesInstanceUID
+    block = many.private_block(0x0011, "STOCKADE MANY", create=True)
+    for offset in range(255):  # 255 empty elements in each of 3 groups: near max_elements
+        block.add_new(offset, "UN", b"")
+    for group in (0x0013, 0x0015):
+        creator = many.private_block(group, "STOCKADE MANY", create=True)
+        for offset in range(255):
+            creator.add_new(offset, "UN", b"")
+    seeds["many-elements.dcm"] = _part10(many, ImplicitVRLittleEndian)
     del ct.file_meta
     for ts, index in DIMSE_SYNTAX.items():
         name = {0: "implicit-le", 1: "explicit-le", 2: "deflated", 3: "explicit-be"}[index]
