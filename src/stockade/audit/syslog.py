@@ -252,6 +252,7 @@ class SyslogExporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock_fd = -1
+        self._cursor_fd = -1
 
     @classmethod
     def configured(cls, settings: Settings, trail: AuditTrail) -> SyslogExporter | None:
@@ -299,13 +300,13 @@ class SyslogExporter:
         return int(text) if text.isdigit() else 0
 
     def _save_cursor(self, seq: int) -> None:
-        tmp = self.spool / f".cursor.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, f"{seq}\n".encode("ascii"))
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.cursor_path)
+        """Overwrite the cursor in place: one fixed-width write into the page cache, no
+        file created or renamed per record (that cost 0.7 ms a record here); it survives
+        the process, and :meth:`close` syncs it."""
+        if self._cursor_fd < 0:
+            self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._cursor_fd = os.open(self.cursor_path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(self._cursor_fd, f"{seq:020d}\n".encode("ascii"), 0)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -392,6 +393,13 @@ class SyslogExporter:
         if self._thread is not None:
             self._thread.join(30)
         self.transport.close()
+        if self._cursor_fd >= 0:
+            try:
+                os.fsync(self._cursor_fd)
+            except OSError as exc:
+                log.warning("audit export: cursor not synced: %s", exc.strerror)
+            os.close(self._cursor_fd)
+            self._cursor_fd = -1
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
