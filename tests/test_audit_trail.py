@@ -339,3 +339,33 @@ def test_every_event_type_has_no_secret_field() -> None:
     for event in EVENT_TYPES:
         for f in dataclasses.fields(event):
             assert not any(w in f.name.lower() for w in ("password", "secret", "token", "key_"))
+
+
+def test_cli_list_and_verify(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stockade.cli import main
+
+    config = tmp_path / "stockade.toml"
+    config.write_text(
+        f"data_dir = {json.dumps(str(settings.data_dir))}\n"
+        f"database_url = {json.dumps(settings.index_url)}\n"
+    )
+    arch = build_archive(settings)
+    arch.prepare()
+    _trail(arch).emit(_stored(1, patient="CLI\x1b[31m"))
+    arch.close()
+    assert main(["--config", str(config), "audit", "list", "--patient", "CLI\x1b[31m"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "InstanceStored" in line and "\x1b" not in line and "\\x1b[31m" in line
+    assert main(["--config", str(config), "audit", "list", "--json", "--type", "AuditLogUsed"]) == 0
+    (used,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert used["filters"] == {"patient": "CLI\x1b[31m"} and used["records"] == 1
+    assert main(["--config", str(config), "audit", "verify"]) == 0
+    assert "chain intact" in capsys.readouterr().out
+    (settings.data_dir / "audit" / "unwritten-1-2.jsonl").write_text("{}\n")
+    assert main(["--config", str(config), "audit", "verify"]) == 1
+    assert "could not be written" in capsys.readouterr().out
+    assert main(["--config", str(config), "audit", "list", "--since", "tomorrow"]) == 2
+    assert main(["--config", str(config), "delete", "--study", "1.2.3"]) == 2
+    assert main(["--config", str(config), "delete", "--study", "1.2.3", "--yes"]) == 1

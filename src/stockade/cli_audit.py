@@ -110,9 +110,14 @@ def _list(archive: Archive, args: argparse.Namespace) -> int:
 
 def _verify(archive: Archive) -> int:
     check = archive.audit_verify(actor=local_actor())
+    unwritten = sorted((archive.settings.data_dir / "audit").glob("unwritten-*.jsonl"))
+    for path in unwritten:
+        sys.stdout.write(
+            f"audit trail: records that could not be written to it are in {safe(path, 500)}\n"
+        )
     if check.ok:
         sys.stdout.write(f"audit trail: {check.checked} records, chain intact\n")
-        return 0
+        return 1 if unwritten else 0
     sys.stdout.write(
         f"audit trail BROKEN at record {check.broken}: {safe(check.reason, 500)} "
         f"({check.checked} records before it verified)\n"
