@@ -341,7 +341,7 @@ class Ingest:
             inflate_cap=settings.max_inflated_size,
             wanted=WANTED_TAGS,
             findings=findings,
-            tiff_kept=preamble is not None,
+            tiff=preamble_kind is PreambleKind.TIFF,
         )
         ts, parsed, found = seen.ts, seen.parsed, seen.found
         trailing = seen.trailing

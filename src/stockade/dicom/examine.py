@@ -118,12 +118,12 @@ def examine(
     inflate_cap: int,
     wanted: frozenset[int],
     findings: list[Finding] | None = None,
-    tiff_kept: bool = False,
+    tiff: bool = False,
 ) -> Examined:
     """Walk and inspect an encoded data set (steps 1-3 of the module docstring).
 
-    *tiff_kept*: the file's TIFF preamble is kept (whole-slide opt-in), so its Data Set
-    Trailing Padding holds TIFF structures and is not a finding (payloads in it still are).
+    *tiff*: the file has a TIFF preamble (a dual-format file), so its Data Set Trailing
+    Padding holds TIFF structures and is not a finding (payloads in it still are).
 
     Raises
     ------
@@ -149,7 +149,7 @@ def examine(
         visitor=inspector,
     )
     result = list(findings or ())
-    result += [f for f in inspector.findings if not (tiff_kept and f.kind is Kind.TRAILING_PADDING)]
+    result += [f for f in inspector.findings if not (tiff and f.kind is Kind.TRAILING_PADDING)]
     result += inspect_trailing(memoryview(parsed)[found.end :])
     result += inspect_trailing(memoryview(after_stream))
     return Examined(ts, parsed, after_stream, found, inspector, result)

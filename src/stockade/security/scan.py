@@ -127,6 +127,7 @@ class Scanner:
                 inflate_cap=self.inflate_cap,
                 wanted=WANTED_TAGS,
                 findings=found,
+                tiff=kind is PreambleKind.TIFF,
             )
             check_pixels(seen.inspector, self.max_decoded_size)
         except StockadeError as exc:
