@@ -33,10 +33,15 @@ from stockade.errors import InvalidAttribute, InvalidObject, LimitExceeded, Obje
 Buffer = bytes | bytearray | memoryview
 
 
-def inflate(data: Buffer, cap: int) -> tuple[bytes, bytes]:
+#: Most bytes one inflation step produces (the output grows by steps, never past the cap).
+INFLATE_STEP = 16 * 1024 * 1024
+
+
+def inflate(data: Buffer, cap: int) -> tuple[bytearray, bytes]:
     """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5) with a size cap.
 
-    Inflation stops at *cap* bytes (a deflate bomb never inflates further). Returns the
+    Inflation goes by steps of :data:`INFLATE_STEP` bytes into one growing buffer and stops
+    past *cap* bytes: a deflate bomb costs at most about *cap* bytes of memory. Returns the
     inflated bytes and the bytes after the end of the deflate stream (one NUL that pads the
     stream to an even length, PS3.5 A.5, is not counted).
 
@@ -48,8 +53,15 @@ def inflate(data: Buffer, cap: int) -> tuple[bytes, bytes]:
         It does not inflate, or is truncated.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending: Buffer = data
     try:
-        out = inflater.decompress(data, cap + 1)
+        while not inflater.eof and len(out) <= cap:
+            piece = inflater.decompress(pending, min(INFLATE_STEP, cap + 1 - len(out)))
+            out += piece
+            pending = inflater.unconsumed_tail
+            if not piece and not pending:
+                break
     except zlib.error as exc:
         raise InvalidObject(f"deflated data set does not inflate: {exc}") from None
     if len(out) > cap:

@@ -212,7 +212,7 @@ def identify(data: bytes | bytearray, archive: Archive) -> Identity:
     ts = TRANSFER_SYNTAX_BY_UID.get(part10.transfer_syntax)
     if ts is None:
         raise InvalidObject(f"transfer syntax {part10.transfer_syntax[:64]} is not supported")
-    dataset: bytes | memoryview = memoryview(data)[part10.dataset_offset :]
+    dataset: bytes | bytearray | memoryview = memoryview(data)[part10.dataset_offset :]
     if ts.deflated:
         dataset, _after = inflate(dataset, archive.settings.max_inflated_size)
     found = scan(
