@@ -346,3 +346,31 @@ def test_media_type_parameters() -> None:
         "multipart/related",
         {"type": "application/dicom"},
     )
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_compressed_body_is_decoded(client: TestClient, archive: Archive, coding: str) -> None:
+    import gzip
+    import zlib
+
+    first, second = make_dataset(), make_dataset()
+    body = multipart([part10(first), part10(second)])
+    packed = gzip.compress(body) if coding == "gzip" else zlib.compress(body)
+    response = post(client, packed, **{"Content-Encoding": coding})
+    assert response.status_code == 200, response.text
+    assert archive.counts()["instances"] == 2
+    stored = archive.find_instance(first.SOPInstanceUID)
+    assert stored is not None
+
+
+def test_bad_or_unknown_content_encoding(client: TestClient, archive: Archive) -> None:
+    import gzip
+
+    body = multipart([part10(make_dataset())])
+    response = post(client, body, **{"Content-Encoding": "br"})
+    assert response.status_code == 415 and "Content-Encoding" in response.json()["detail"]
+    response = post(client, gzip.compress(body)[:-20], **{"Content-Encoding": "gzip"})
+    assert response.status_code == 400 and "truncated" in response.json()["detail"]
+    response = post(client, body, **{"Content-Encoding": "gzip"})  # not gzip at all
+    assert response.status_code == 400
+    assert archive.counts()["instances"] == 0

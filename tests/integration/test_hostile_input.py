@@ -309,3 +309,21 @@ def test_hostile_sizes_are_refused_with_memory_bounded(
     stored = Dataset()
     stored.update(pydicom.dcmread(io.BytesIO(part10(kept))))
     assert stored.SOPInstanceUID == kept.SOPInstanceUID
+
+
+def test_associations_per_peer_are_capped(make_server: Callable[..., StockadeServer]) -> None:
+    require_dcmtk("echoscu")
+    server = make_server(settings={"STOCKADE_MAX_ASSOCIATIONS_PER_PEER": "2"})
+    server.start()
+    held = [
+        raw_associate(server.port, CTImageStorage, ExplicitVRLittleEndian, f"HOLD{i}")
+        for i in range(2)
+    ]
+    third = echoscu(server.port)
+    assert third.returncode != 0
+    assert "Rejected Transient" in third.stdout and "Local Limit Exceeded" in third.stdout
+    for sock in held:
+        sock.sendall(struct.pack(">BBL", 0x05, 0, 4) + bytes(4))  # A-RELEASE-RQ
+        assert recv_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+        sock.close()
+    assert echoscu(server.port).returncode == 0  # the slots are free again
