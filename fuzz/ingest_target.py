@@ -12,7 +12,7 @@ Each input is one of two things:
   data set in memory and staged while it arrives (``Ingest.receive``).
 
 The archive is a real one (filesystem blob store, SQLite index) in a temporary folder,
-replaced by a fresh one every few hundred stored objects so the disk use stays small. Inputs
+replaced by a fresh one every few thousand inputs so the disk use stays small. Inputs
 of even length go to an archive with the default screening policy for hidden payloads
 (PS3.10 7.5), inputs of odd length to one that strips every finding.
 
@@ -36,8 +36,9 @@ from pathlib import Path
 
 import atheris
 
-# pydicom's character set decoding reads attacker-chosen escape sequences: guided too.
-with atheris.instrument_imports(include=["stockade", "pydicom.charset"]):
+# pydicom's modules that Stockade calls (character set decoding of attacker-chosen escape
+# sequences, the data dictionary) are guided too; atheris includes whole top-level packages.
+with atheris.instrument_imports(include=["stockade", "pydicom"]):
     from stockade.archive import Archive
     from stockade.audit.sink import MemoryAuditSink
     from stockade.dicom.attributes import WANTED_TAGS, extract
@@ -46,7 +47,6 @@ with atheris.instrument_imports(include=["stockade", "pydicom.charset"]):
     from stockade.dicom.part10 import PREFIX, classify_preamble, read_part10
     from stockade.dicom.tables import TRANSFER_SYNTAX_BY_UID, TRANSFER_SYNTAXES
     from stockade.errors import StockadeError
-    from stockade.index.base import Outcome
     from stockade.index.sql import SqlIndex
     from stockade.ingest import Origin
     from stockade.settings import load
@@ -56,8 +56,8 @@ with atheris.instrument_imports(include=["stockade", "pydicom.charset"]):
 LIMITS = Limits(max_depth=8, max_elements=1000)
 #: Largest inflated data set the harness itself reads (to learn a C-STORE's UIDs).
 INFLATE_CAP = 1 << 20
-#: A fresh archive after this many stored objects.
-RESET_AFTER = 300
+#: A fresh archive after this many inputs (stored and quarantined objects stay few).
+RESET_AFTER = 2000
 #: Used when a data set's own UIDs cannot be read (the pipeline then refuses it).
 FALLBACK_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 FALLBACK_INSTANCE = "1.2.3.4"
@@ -73,7 +73,7 @@ class _Harness:
         self.root = root
         self.screening_actions = screening_actions
         self.folder = root
-        self.stored = 0
+        self.inputs = 0
         self.archive = self._build()
 
     def _build(self) -> Archive:
@@ -95,16 +95,14 @@ class _Harness:
         archive.prepare()
         return archive
 
-    def count(self, outcome: Outcome) -> None:
-        """Note one stored object; replace the archive when it has grown."""
-        if outcome is Outcome.DUPLICATE:
-            return
-        self.stored += 1
-        if self.stored < RESET_AFTER:
+    def count(self) -> None:
+        """Note one input; replace the archive once it has seen :data:`RESET_AFTER`."""
+        self.inputs += 1
+        if self.inputs < RESET_AFTER:
             return
         self.archive.close()
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.stored = 0
+        self.inputs = 0
         self.archive = self._build()
 
     def clear_audit(self) -> None:
@@ -175,10 +173,9 @@ def one_part10(harness: _Harness, data: bytes) -> None:
     except StockadeError:
         pass
     try:
-        result = harness.archive.store_file(data, FILE_ORIGIN)
+        harness.archive.store_file(data, FILE_ORIGIN)
     except StockadeError:
-        return
-    harness.count(result.outcome)
+        pass
 
 
 def one_dimse(harness: _Harness, data: bytes) -> None:
@@ -204,7 +201,7 @@ def one_dimse(harness: _Harness, data: bytes) -> None:
             receiving.write(dataset[:half])
             receiving.write(dataset[half:])
         try:
-            result = ingest.from_dimse(
+            ingest.from_dimse(
                 dataset,
                 ts_uid,
                 sop_class_uid=sop_class,
@@ -214,7 +211,6 @@ def one_dimse(harness: _Harness, data: bytes) -> None:
             )
         except StockadeError:
             continue
-        harness.count(result.outcome)
 
 
 def input_function() -> Callable[[bytes], None]:
@@ -234,6 +230,7 @@ def input_function() -> Callable[[bytes], None]:
         else:
             one_dimse(harness, data)
         harness.clear_audit()
+        harness.count()
 
     return test_one_input
 
