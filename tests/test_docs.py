@@ -49,3 +49,14 @@ def test_conformance_lists_every_sop_class_and_transfer_syntax() -> None:
     missing = [u for u in STORAGE_SOP_CLASSES if f"`{u}`" not in text]
     missing += [t.uid for t in TRANSFER_SYNTAXES if f"`{t.uid}`" not in text]
     assert not missing
+
+
+def test_security_doc_lists_every_finding_type_with_its_default() -> None:
+    from stockade.security.policy import findings_markdown
+
+    text = (DOCS / "security.md").read_text(encoding="utf-8")
+    start = text.index("<!-- findings")
+    table = text[text.index("\n", start) + 1 : text.index("<!-- /findings -->")]
+    assert table == findings_markdown(), (
+        "regenerate with stockade.security.policy.findings_markdown()"
+    )

@@ -183,3 +183,12 @@ class Policy:
                 action = Action.ALERT
             decisions.append(Decision(finding, action))
         return Verdict(tuple(decisions))
+
+
+def findings_markdown() -> str:
+    """The table of finding types, what each means and its default action
+    (``docs/security.md`` holds it; a test keeps the two equal)."""
+    rows = ["| finding | what it is | default action |", "|---|---|---|"]
+    for kind in Kind:
+        rows.append(f"| `{kind.value}` | {WHY[kind]} | `{DEFAULT_ACTIONS[kind].value}` |")
+    return "\n".join(rows) + "\n"
