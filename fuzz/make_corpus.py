@@ -31,6 +31,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -198,24 +199,26 @@ def ingest_seeds() -> dict[str, bytes]:
     for source, name in CHARSETS.items():
         ds, ts = _load(source)
         seeds[f"{name}.dcm"] = _part10(ds, ts)
-    deep = _nested(7)  # one level under the target's max_depth: mutations cross it
+    deep = _nested(8)  # at the target's max_depth (8): one more level crosses it
     deep.SOPClassUID = ct.SOPClassUID
     deep.SOPInstanceUID = ct.SOPInstanceUID + ".7"
     deep.StudyInstanceUID = ct.StudyInstanceUID
     deep.SeriesInstanceUID = ct.SeriesInstanceUID
-    seeds["nested-7-deep.dcm"] = _part10(deep, ExplicitVRLittleEndian)
+    seeds["nested-8-deep.dcm"] = _part10(deep, ExplicitVRLittleEndian)
     many = Dataset()
     many.SOPClassUID = ct.SOPClassUID
     many.SOPInstanceUID = ct.SOPInstanceUID + ".8"
     many.StudyInstanceUID = ct.StudyInstanceUID
     many.SeriesInstanceUID = ct.SeriesInstanceUID
-    block = many.private_block(0x0011, "STOCKADE MANY", create=True)
-    for offset in range(255):  # 255 empty elements in each of 3 groups: near max_elements
-        block.add_new(offset, "UN", b"")
-    for group in (0x0013, 0x0015):
-        creator = many.private_block(group, "STOCKADE MANY", create=True)
-        for offset in range(255):
-            creator.add_new(offset, "UN", b"")
+    item = Dataset()
+    for group in range(0x0011, 0x0019, 2):  # 4 x 245 empty elements in one item
+        block = item.private_block(group, "STOCKADE MANY", create=True)
+        for offset in range(245):
+            block.add_new(offset, "UN", b"")
+    item.is_undefined_length_sequence_item = True
+    many.add(DataElement(0x00081140, "SQ", Sequence([item]), is_undefined_length=True))
+    # 994 elements in all, under the target's max_elements (1000): zeros inserted into the
+    # item (8 zero bytes are an empty implicit VR element) cross it.
     seeds["many-elements.dcm"] = _part10(many, ImplicitVRLittleEndian)
     del ct.file_meta
     for ts, index in DIMSE_SYNTAX.items():
@@ -256,6 +259,37 @@ def _payload_seeds() -> dict[str, bytes]:
     ds = _small_image(6)
     ds.add_new(0x00420011, "OB", b"<?xml version='1.0'?><!DOCTYPE x [<!ENTITY e SYSTEM 'f'>]>")
     out["xml-entity.dcm"] = _part10(ds, ExplicitVRLittleEndian)
+    ds = _small_image(7)
+    ds.PixelData = encapsulate([pe])  # an executable as the first pixel data fragment
+    ds["PixelData"].is_undefined_length = True
+    out["fragment-pe.dcm"] = _part10(ds, JPEGBaseline8Bit)
+    ds = _small_image(8)
+    del ds.PixelData
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    hidden = zlib.compress(b"<< /Type /Action /S /JavaScript /JS (app.alert(1)) >>")
+    ds.EncapsulatedDocument = (
+        b"%PDF-1.5\n1 0 obj << /Length "
+        + str(len(hidden)).encode()
+        + b" /Filter /FlateDecode >>\nstream\n"
+        + hidden
+        + b"\nendstream\nendobj\n%%EOF\n"
+    )
+    out["pdf-flate-javascript.dcm"] = _part10(ds, ExplicitVRLittleEndian)
+    ds = _small_image(9)
+    del ds.PixelData
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.2"  # Encapsulated CDA Storage
+    ds.MIMETypeOfEncapsulatedDocument = "text/XML"
+    ds.EncapsulatedDocument = b"<ClinicalDocument/>\n" + elf
+    out["document-elf.dcm"] = _part10(ds, ExplicitVRLittleEndian)
+    ds = _small_image(10)
+    item = Dataset()
+    item.private_block(0x0009, "STOCKADE SEED", create=True).add_new(
+        0x10, "OB", b"\xcf\xfa\xed\xfe" + bytes(28)
+    )
+    item.private_block(0x0011, "STOCKADE SEED", create=True).add_new(0x10, "OB", b"#!/bin/sh\n")
+    ds.ReferencedImageSequence = Sequence([item])
+    out["nested-macho-script.dcm"] = _part10(ds, ExplicitVRLittleEndian)
     return out
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+import tempfile
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -76,9 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--missing", action="store_true", help="list lines never reached")
     args = parser.parse_args(argv)
-    run = load_target(args.target)
-    files = [SRC / m for m in MODULES[args.target]]
-    files += [SRC / m for m in OPTIONAL.get(args.target, []) if (SRC / m).exists()]
+    with tempfile.TemporaryDirectory(prefix="stockade-replay-") as scratch:
+        os.environ["STOCKADE_FUZZ_WORKDIR"] = scratch
+        return replay(args.target, args.folders, missing=args.missing)
+
+
+def replay(target: str, folders: list[Path], *, missing: bool) -> int:
+    """Replay *folders* through *target* and print the table."""
+    run = load_target(target)
+    files = [SRC / m for m in MODULES[target]]
+    files += [SRC / m for m in OPTIONAL.get(target, []) if (SRC / m).exists()]
     watched = {str(f) for f in files}
     seen: dict[str, set[int]] = {name: set() for name in watched}
 
@@ -93,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     threading.settrace(tracer)
     sys.settrace(tracer)
     try:
-        for path in inputs(args.folders):
+        for path in inputs(folders):
             run(path.read_bytes())
             count += 1
     finally:
         sys.settrace(None)
         threading.settrace(None)
-    print(f"{count} inputs replayed through the {args.target} target")
+    print(f"{count} inputs replayed through the {target} target")
     for path in files:
         lines = function_lines(path)
         hit = seen[str(path)] & lines
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{path.relative_to(SRC.parent.parent)}: {len(hit)}/{len(lines)} lines ({share:.0f}%)"
         )
-        if args.missing:
+        if missing:
             print("  never reached:", ", ".join(str(n) for n in sorted(lines - hit)))
     return 0
 
