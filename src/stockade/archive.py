@@ -633,6 +633,7 @@ class Archive:
         """
         entry = self.ingest.quarantine.get(qid)
         data = self.ingest.quarantine.read(qid)
+
         def event(outcome: str = "success", reason: str | None = None) -> QuarantineChanged:
             return QuarantineChanged(
                 actor=actor,
