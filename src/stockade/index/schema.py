@@ -165,3 +165,36 @@ audit_subject = Table(
     Column("value", String(64), primary_key=True),
     Column("seq", Id, primary_key=True, autoincrement=False, index=True),
 )
+
+#: Stockade users (``stockade user``): argon2id hashes only, never a password.
+users = Table(
+    "users",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", String(256), nullable=False),
+    Column("must_change", Integer, nullable=False),
+    Column("disabled", Integer, nullable=False),
+    Column("failed_logins", Integer, nullable=False),
+    Column("locked_until", DateTime(timezone=True)),
+    Column("scope", Text),  # JSON: {"studies": [...], "patients": [...]}; NULL: everything
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("password_changed_at", DateTime(timezone=True), nullable=False),
+)
+
+#: Bearer tokens and browser sessions, stored as the SHA-256 of the secret.
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("user_pk", Id, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("kind", String(8), nullable=False),  # api | session
+    Column("label", String(64), nullable=False),
+    Column("csrf_digest", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
