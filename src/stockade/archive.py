@@ -399,12 +399,13 @@ class Archive:
 
     # -- association admission -------------------------------------------------------------
 
-    def admit(self, calling_ae: str, called_ae: str, address: str) -> Peer:
+    def admit(self, calling_ae: str, called_ae: str, address: str, *, tls: bool = False) -> Peer:
         """Decide whether a DIMSE association may proceed (threat model SR-16).
 
         An unknown calling AE is admitted only while the listener is on loopback and no node
         is configured; otherwise the calling AE title and the peer's address must match a
-        configured node.
+        configured node. A node marked ``tls`` is admitted only when the association came
+        over the DICOM TLS listener (*tls*).
 
         Raises
         ------
@@ -428,9 +429,15 @@ class Archive:
                     if node.ae_title == calling_ae.strip() and normal in {
                         _normal(a) for a in _addresses(node.host)
                     }:
-                        peer = Peer(calling_ae.strip(), address, node.name, node.allow)
+                        if node.tls and not tls:
+                            reason = (
+                                f"node {node.name} must use DICOM TLS (port "
+                                f"{self.settings.dicom_tls_port}), not plain DIMSE"
+                            )
+                        else:
+                            peer = Peer(calling_ae.strip(), address, node.name, node.allow)
                         break
-                if peer is None:
+                if peer is None and reason is None:
                     reason = (
                         f"calling AE {calling_ae.strip()!r} from {address} is not a configured node"
                     )
@@ -446,6 +453,19 @@ class Archive:
             raise NotAuthorized(str(reason))
         return peer
 
+    def refuse_connection(self, address: str, reason: str) -> None:
+        """Log and audit a connection refused before its association request: a failed
+        DICOM TLS handshake (an expired or unknown client certificate, TLS 1.0 or 1.1, no
+        common cipher suite; PS3.15 B.9). *reason* names what failed, never key material."""
+        log.warning("connection from %s refused: %s", address, reason)
+        self.audit(
+            AssociationRejected(
+                actor=Actor(address=address, via="dimse"),
+                outcome="failure",
+                reason=reason[:256],
+            )
+        )
+
     # -- nodes -----------------------------------------------------------------------------
 
     def add_node(
@@ -456,9 +476,10 @@ class Archive:
         port: int,
         allow: frozenset[str],
         *,
+        tls: bool = False,
         actor: Actor | None = None,
     ) -> Node:
-        """Configure a DICOM peer."""
+        """Configure a DICOM peer (*tls*: it talks DICOM TLS, PS3.15 B.9)."""
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError("node name must be 1 to 64 letters, digits, '-' or '_'")
         problem = ae_title_problem(ae_title)
@@ -471,7 +492,7 @@ class Archive:
         unknown = allow - SERVICES
         if unknown:
             raise ConfigError(f"unknown service(s) {sorted(unknown)}; use {sorted(SERVICES)}")
-        node = Node(name, ae_title, host, port, allow)
+        node = Node(name, ae_title, host, port, allow, tls)
         self.index.add_node(node)
         self.audit(NodeChanged(actor=actor or local_actor(), name=name, action="add"))
         return node

@@ -61,6 +61,10 @@ def _host(value: str) -> str | None:
     return None
 
 
+def _port_or_off(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a TCP port from 1 to 65535, or 0 (off)"
+
+
 def _pdu(value: int) -> str | None:
     # PS3.8 9.3.1: the maximum length notified must leave room for the PDV header; we keep a
     # floor that every peer handles and a ceiling that bounds per-association memory.
@@ -132,7 +136,62 @@ DECLARED: tuple[Declared, ...] = (
         "Address the DIMSE listener binds to. Loopback unless you say otherwise.",
         _host,
     ),
-    Declared("dicom_port", int, 11112, "TCP port of the DIMSE listener.", _port),
+    Declared(
+        "dicom_port",
+        int,
+        11112,
+        "TCP port of the plain DIMSE listener (see `dicom_plain`).",
+        _port,
+    ),
+    Declared(
+        "dicom_plain",
+        bool,
+        True,
+        "Run the plain (unencrypted) DIMSE listener on `dicom_port`. Beyond loopback it "
+        "also needs `allow_plain_beyond_loopback`; otherwise `stockade serve` refuses to start.",
+    ),
+    Declared(
+        "dicom_tls_port",
+        int,
+        2762,
+        "TCP port of the DICOM TLS listener (PS3.15 B.9, BCP 195 RFC 8996 profile); it runs "
+        "when `dicom_tls_cert_file` is set. 0: no TLS listener.",
+        _port_or_off,
+    ),
+    Declared(
+        "dicom_tls_cert_file",
+        str,
+        "",
+        "PEM certificate (chain) of the DICOM TLS listener, also presented when Stockade "
+        "connects to a node with TLS; `stockade certs init` makes one. Empty: no DICOM TLS.",
+    ),
+    Declared(
+        "dicom_tls_key_file",
+        str,
+        "",
+        "PEM private key of `dicom_tls_cert_file` (unencrypted; keep it mode 0600).",
+    ),
+    Declared(
+        "dicom_tls_client_ca_file",
+        str,
+        "",
+        "PEM file of the certificate authorities that may sign client certificates on the "
+        "DICOM TLS listener (mutual TLS); empty: clients are not asked for a certificate.",
+    ),
+    Declared(
+        "dicom_tls_require_client_cert",
+        bool,
+        True,
+        "With `dicom_tls_client_ca_file`: refuse a client without a valid certificate. Off: "
+        "a certificate is asked for and checked if presented, but not required.",
+    ),
+    Declared(
+        "dicom_tls_peer_ca_file",
+        str,
+        "",
+        "PEM file of the certificate authorities that may sign the certificates of nodes "
+        "Stockade connects to with TLS (`stockade node add --tls`); empty: the system's.",
+    ),
     Declared(
         "dicom_ae_title", str, "STOCKADE", "AE title of the archive (called AE).", ae_title_problem
     ),
@@ -306,11 +365,32 @@ DECLARED: tuple[Declared, ...] = (
         "http_host",
         str,
         "127.0.0.1",
-        "Address the HTTP (DICOMweb and UI) listener binds to. Loopback only until user "
-        "authentication exists: another address refuses to start.",
+        "Address the HTTP (DICOMweb and UI) listener binds to. Another address than "
+        "loopback needs HTTPS (or `allow_plain_beyond_loopback`) and at least one user.",
         _host,
     ),
     Declared("http_port", int, 8080, "TCP port of the HTTP listener.", _port),
+    Declared(
+        "http_tls_cert_file",
+        str,
+        "",
+        "PEM certificate (chain) for HTTPS on `http_port` (TLS 1.2 or later, AEAD cipher "
+        "suites, HSTS). Empty: plain HTTP, allowed on loopback only unless "
+        "`allow_plain_beyond_loopback`.",
+    ),
+    Declared(
+        "http_tls_key_file",
+        str,
+        "",
+        "PEM private key of `http_tls_cert_file` (unencrypted; keep it mode 0600).",
+    ),
+    Declared(
+        "allow_plain_beyond_loopback",
+        bool,
+        False,
+        "Let plain DIMSE and plain HTTP listen on an address other than loopback (for "
+        "a trusted network or a TLS-terminating proxy). `stockade check` flags it.",
+    ),
     Declared(
         "http_workers",
         int,
@@ -404,6 +484,13 @@ class Settings:
     database_url: str
     dicom_host: str
     dicom_port: int
+    dicom_plain: bool
+    dicom_tls_port: int
+    dicom_tls_cert_file: str
+    dicom_tls_key_file: str
+    dicom_tls_client_ca_file: str
+    dicom_tls_require_client_cert: bool
+    dicom_tls_peer_ca_file: str
     dicom_ae_title: str
     dicom_workers: int
     max_associations: int
@@ -429,6 +516,9 @@ class Settings:
     http_enabled: bool
     http_host: str
     http_port: int
+    http_tls_cert_file: str
+    http_tls_key_file: str
+    allow_plain_beyond_loopback: bool
     http_workers: int
     metadata_warm_delay: float
     http_cors_origins: str
@@ -461,6 +551,16 @@ class Settings:
         if self.http_workers:
             return self.http_workers
         return max(1, min(os.cpu_count() or 1, 8))
+
+    @property
+    def dicom_tls(self) -> bool:
+        """True when the DICOM TLS listener runs (a certificate and a port are set)."""
+        return bool(self.dicom_tls_cert_file) and self.dicom_tls_port != 0
+
+    @property
+    def http_tls(self) -> bool:
+        """True when the HTTP listener speaks HTTPS."""
+        return bool(self.http_tls_cert_file)
 
     @property
     def dicom_on_loopback(self) -> bool:

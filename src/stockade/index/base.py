@@ -90,6 +90,9 @@ class Node:
     host: str
     port: int
     allow: frozenset[str] = field(default_factory=frozenset)
+    #: The peer talks DICOM TLS (PS3.15 B.9): connections to it use TLS, and its
+    #: associations are admitted over the TLS listener only.
+    tls: bool = False
 
 
 class Index(Protocol):

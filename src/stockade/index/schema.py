@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData(
@@ -117,6 +119,9 @@ nodes = Table(
     Column("port", Integer, nullable=False),
     Column("allow", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The peer talks DICOM TLS: Stockade connects to it with TLS and admits it only over
+    # the TLS listener (migration 0005).
+    Column("tls", Boolean, nullable=False, server_default=false()),
 )
 
 blob_deletions = Table(

@@ -537,6 +537,7 @@ class SqlIndex:
                         host=node.host,
                         port=node.port,
                         allow=",".join(sorted(node.allow)),
+                        tls=node.tls,
                         created_at=_now(),
                     )
                 )
@@ -553,7 +554,12 @@ class SqlIndex:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(
-                    nodes.c.name, nodes.c.ae_title, nodes.c.host, nodes.c.port, nodes.c.allow
+                    nodes.c.name,
+                    nodes.c.ae_title,
+                    nodes.c.host,
+                    nodes.c.port,
+                    nodes.c.allow,
+                    nodes.c.tls,
                 ).order_by(nodes.c.name)
             )
             return [
@@ -563,6 +569,7 @@ class SqlIndex:
                     r.host,
                     r.port,
                     frozenset(a for a in r.allow.split(",") if a),
+                    bool(r.tls),
                 )
                 for r in rows
             ]
