@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stockade import __version__, cli_audit, cli_security
+from stockade import __version__, cli_audit, cli_security, cli_tls
 from stockade.app import build_archive, configure_logging
 from stockade.archive import Archive
 from stockade.dicom.attributes import Level
@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         default="echo,store",
         help="services the peer may use: echo,store,find,get,move (default echo,store)",
     )
+    add.add_argument(
+        "--tls",
+        action="store_true",
+        help="the peer talks DICOM TLS: connect to it with TLS, admit it over TLS only",
+    )
     node_sub.add_parser("list", help="list peers")
     rm = node_sub.add_parser("remove", help="remove a peer")
     rm.add_argument("name")
@@ -94,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     ret.add_argument("--model", default="study", choices=["study", "patient"])
     cli_security.add_commands(sub)
     cli_audit.add_commands(sub)
+    cli_tls.add_commands(sub)
     st = sub.add_parser("settings", help="show the settings in force")
     st.add_argument("--markdown", action="store_true", help="print the settings reference")
     return parser
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(settings, args.config)
         if args.command == "scan":
             return cli_security.scan(settings, args)
+        if args.command in cli_tls.COMMANDS:
+            return cli_tls.run(settings, args)
         if args.command == "settings":
             for name, value in settings.as_dict().items():
                 out.print(f"{name} = {value!s}")
@@ -224,10 +232,11 @@ def _verify(archive: Archive) -> int:
 def _node(archive: Archive, args: argparse.Namespace) -> int:
     if args.node_command == "add":
         allow = frozenset(a.strip() for a in args.allow.split(",") if a.strip())
-        node = archive.add_node(args.name, args.ae, args.host, args.port, allow)
+        node = archive.add_node(args.name, args.ae, args.host, args.port, allow, tls=args.tls)
         out.print(
             f"added node {node.name}: {node.ae_title} at {node.host}:{node.port} "
-            f"allowed {','.join(sorted(node.allow)) or 'nothing'}",
+            f"allowed {','.join(sorted(node.allow)) or 'nothing'}"
+            + (" over DICOM TLS" if node.tls else ""),
             markup=False,
         )
         return 0
@@ -240,7 +249,7 @@ def _node(archive: Archive, args: argparse.Namespace) -> int:
     for node in archive.nodes():
         out.print(
             f"{node.name}\t{node.ae_title}\t{node.host}\t{node.port}\t"
-            f"{','.join(sorted(node.allow))}",
+            f"{','.join(sorted(node.allow))}" + ("\ttls" if node.tls else ""),
             markup=False,
         )
     return 0

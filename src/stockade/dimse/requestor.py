@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from stockade.dimse.association import (
 )
 from stockade.dimse.commands import Command, Tag
 from stockade.errors import StockadeError
+from stockade.security.tls import handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +310,13 @@ def connect(
     max_pdu: int,
     max_object: int,
     timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> Requestor:
     """Open an association (PS3.8 7.1) and negotiate *proposals* (at most 128).
+
+    With *tls* (:func:`stockade.security.tls.dicom_client_context`) the connection is DICOM
+    TLS (PS3.15 Annex B): the handshake, bounded by *timeout*, checks the peer's
+    certificate and that it names *host*, before any association PDU is sent.
 
     Raises
     ------
@@ -348,6 +355,14 @@ def connect(
     except OSError as exc:
         raise AssociationFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise AssociationFailed(
+                f"{called_ae} at {host}:{port}: {handshake_failure(exc)}"
+            ) from None
     link = Requestor(sock, max_pdu, max_object)
     link.idle_timeout = timeout
     try:

@@ -36,6 +36,7 @@ from stockade.dimse.requestor import MAX_CONTEXTS, AssociationFailed, Proposal, 
 from stockade.errors import CannotTranscode, IntegrityError, NotFound, StockadeError
 from stockade.query import LEVEL_ORDER
 from stockade.retrieve import StoredInstance
+from stockade.security.tls import dicom_client_context
 
 if TYPE_CHECKING:
     from stockade.archive import Archive, Peer
@@ -307,6 +308,7 @@ def send_to_node(
     settings = archive.settings
     if not retrieval.instances:
         return False
+    node = archive.node_by_ae(called_ae)
     link = connect(
         host,
         port,
@@ -316,6 +318,7 @@ def send_to_node(
         max_pdu=settings.max_pdu_size,
         max_object=settings.max_object_size,
         timeout=settings.dicom_acse_timeout,
+        tls=dicom_client_context(settings) if node is not None and node.tls else None,
     )
     link.idle_timeout = settings.dicom_idle_timeout
     try:

@@ -40,6 +40,7 @@ from stockade.dimse.retrieve import (
 )
 from stockade.errors import InvalidQuery, StockadeError
 from stockade.ingest import Receiving
+from stockade.security.tls import dicom_client_context
 
 if TYPE_CHECKING:
     from stockade.archive import Archive, Node, Peer
@@ -111,6 +112,7 @@ def _open(archive: Archive, node: Node, proposals: list[Proposal]) -> Requestor:
         max_pdu=settings.max_pdu_size,
         max_object=settings.max_object_size,
         timeout=settings.dicom_acse_timeout,
+        tls=dicom_client_context(settings) if node.tls else None,
     )
     link.idle_timeout = settings.dicom_idle_timeout
     return link

@@ -8,8 +8,10 @@ listening socket (see :mod:`stockade.dimse.workers`); each runs a :class:`DimseS
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,7 @@ from stockade.dimse.find import MODELS, FindService
 from stockade.dimse.retrieve import GET_MODELS, MOVE_MODELS, RetrieveService
 from stockade.errors import StockadeError
 from stockade.ingest import Receiving
+from stockade.security.tls import handshake_failure
 
 if TYPE_CHECKING:
     from stockade.archive import Archive, Peer
@@ -66,12 +69,32 @@ def supported_contexts() -> list[PresentationContext]:
 
 
 class DimseServer:
-    """Accepts associations on a listening socket; one thread per association."""
+    """Accepts associations on a listening socket; one thread per association.
 
-    def __init__(self, settings: Settings, archive: Archive, listener: socket.socket) -> None:
+    With *tls_listener* and *tls_context* it also serves DICOM TLS (PS3.15 Annex B): a
+    connection accepted there gets its TLS handshake in its association thread, bounded by
+    ``dicom_acse_timeout``, so a slow or hostile handshake never holds the accept loop. A
+    failed handshake is logged and audited (``Archive.refuse_connection``). *listener* may
+    be None when only the TLS listener runs.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        archive: Archive,
+        listener: socket.socket | None,
+        *,
+        tls_listener: socket.socket | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = settings
         self.archive = archive
         self.listener = listener
+        self.listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
+        if listener is not None:
+            self.listeners.append((listener, None))
+        if tls_listener is not None and tls_context is not None:
+            self.listeners.append((tls_listener, tls_context))
         self.contexts = supported_contexts()
         self.limits = Limits(
             max_pdu=settings.max_pdu_size,
@@ -89,10 +112,23 @@ class DimseServer:
         self.retriever = RetrieveService(archive)
 
     def serve_forever(self) -> None:
-        """Accept connections until :meth:`stop` is called."""
+        """Accept connections on every listener until :meth:`stop` is called (the first
+        listener in this thread, any other in a thread of its own)."""
+        others = [
+            threading.Thread(target=self._accept, args=pair, name="accept-tls", daemon=True)
+            for pair in self.listeners[1:]
+        ]
+        for thread in others:
+            thread.start()
+        if self.listeners:
+            self._accept(*self.listeners[0])
+        for thread in others:
+            thread.join()
+
+    def _accept(self, listener: socket.socket, context: ssl.SSLContext | None) -> None:
         while not self._stopping.is_set():
             try:
-                conn, addr = self.listener.accept()
+                conn, addr = listener.accept()
             except OSError as exc:
                 # EINVAL/EBADF: the shared listener was shut down (by us or a sibling worker
                 # at shutdown). Anything else (EMFILE, ECONNABORTED...) is transient.
@@ -104,7 +140,7 @@ class DimseServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(
                 target=self._run,
-                args=(conn, str(addr[0])),
+                args=(conn, str(addr[0]), context),
                 name=f"assoc-{addr[0]}:{addr[1]}",
                 daemon=True,
             )
@@ -115,17 +151,37 @@ class DimseServer:
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; wait up to *grace* seconds for running associations."""
         self._stopping.set()
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
+        for listener, _context in self.listeners:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(grace)
 
-    def _run(self, conn: socket.socket, address: str) -> None:
+    def _handshake(
+        self, conn: socket.socket, address: str, context: ssl.SSLContext
+    ) -> socket.socket | None:
+        """The TLS server handshake on an accepted connection, each step bounded by
+        ``dicom_acse_timeout``; None (logged and audited) when it fails."""
+        conn.settimeout(self.settings.dicom_acse_timeout)
+        try:
+            tls = context.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            reason = handshake_failure(exc)
+            try:
+                self.archive.refuse_connection(address, reason)
+            except Exception:  # noqa: BLE001 - the audit's own failure is logged there
+                log.warning("connection from %s refused: %s (not audited)", address, reason)
+            conn.close()
+            return None
+        log.debug("TLS from %s: %s %s", address, tls.version(), tls.cipher())
+        return tls
+
+    def _run(self, conn: socket.socket, address: str, context: ssl.SSLContext | None) -> None:
         with self._lock:
             self._active += 1
             held = self._per_peer[address] = self._per_peer.get(address, 0) + 1
@@ -133,9 +189,28 @@ class DimseServer:
                 self._active > self.settings.max_associations
                 or held > self.settings.max_associations_per_peer
             )
+        try:
+            self._serve(conn, address, context, full)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._per_peer[address] -= 1
+                if not self._per_peer[address]:
+                    del self._per_peer[address]
+                self._threads.discard(threading.current_thread())
+
+    def _serve(
+        self, conn: socket.socket, address: str, context: ssl.SSLContext | None, full: bool
+    ) -> None:
+        if context is not None:
+            wrapped = self._handshake(conn, address, context)
+            if wrapped is None:
+                return
+            conn = wrapped
+        admit = functools.partial(self.archive.admit, tls=context is not None)
         assoc = Association(conn, address, self.settings.dicom_ae_title, self.contexts, self.limits)
         try:
-            peer = assoc.negotiate(self.archive.admit, full)
+            peer = assoc.negotiate(admit, full)
             log.info("association from %s (%s) accepted", assoc.calling_ae, address)
             inbox = assoc.messages(lambda *args: self._receive(peer, *args))
             for message in inbox:
@@ -151,12 +226,6 @@ class DimseServer:
             log.info("association from %s ended by network error: %s", address, exc)
         finally:
             conn.close()
-            with self._lock:
-                self._active -= 1
-                self._per_peer[address] -= 1
-                if not self._per_peer[address]:
-                    del self._per_peer[address]
-                self._threads.discard(threading.current_thread())
 
     def _dispatch(
         self, assoc: Association, peer: Peer, message: Message, inbox: Iterator[Message]

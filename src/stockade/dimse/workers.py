@@ -21,9 +21,12 @@ from pathlib import Path
 from types import FrameType
 
 from stockade.app import build_archive, configure_logging
+from stockade.auth.admin import bootstrap
 from stockade.dimse.server import DimseServer
 from stockade.errors import ConfigError
-from stockade.settings import Settings, is_loopback, load
+from stockade.security.posture import secure_start
+from stockade.security.tls import dicom_server_context
+from stockade.settings import Settings, load
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,16 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
     raise _Stop
 
 
-def serve_in_process(settings: Settings, listener: socket.socket) -> None:
-    """Run one DIMSE server in this process until SIGTERM or SIGINT."""
+def serve_in_process(
+    settings: Settings, listener: socket.socket | None, tls_listener: socket.socket | None = None
+) -> None:
+    """Run one DIMSE server in this process until SIGTERM or SIGINT (on the plain
+    listener, the DICOM TLS one, or both)."""
+    context = dicom_server_context(settings, warn=False) if tls_listener is not None else None
     archive = build_archive(settings)
-    server = DimseServer(settings, archive, listener)
+    server = DimseServer(
+        settings, archive, listener, tls_listener=tls_listener, tls_context=context
+    )
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -90,61 +99,91 @@ def serve(settings: Settings, config_file: Path | None) -> int:
     archive = build_archive(settings)
     try:
         archive.prepare()
+        bootstrap(archive.accounts, settings.data_dir)  # the first start: an admin, no default
     finally:
         archive.close()
+    # Secure start (threat model SR-3, SR-4, SR-6): nothing is bound for a set-up that
+    # would expose the archive, or with a certificate that cannot be served.
+    secure_start(settings)
     http = None
     if settings.http_enabled:
-        if not is_loopback(settings.http_host):
-            raise ConfigError(
-                f"http_host {settings.http_host} is not a loopback address: the HTTP listener "
-                "has no user authentication yet, so it serves this machine only"
-            )
         http = bind(settings.http_host, settings.http_port)
-    listener = bind_listener(settings)
-    workers = settings.worker_count
-    log.info(
-        "Stockade DIMSE listening on %s:%d as %s (%d worker%s), data in %s",
-        settings.dicom_host,
-        settings.dicom_port,
-        settings.dicom_ae_title,
-        workers,
-        "" if workers == 1 else "s",
-        settings.data_dir.resolve(),
+    listener = bind_listener(settings) if settings.dicom_plain else None
+    tls_listener = (
+        bind(settings.dicom_host, settings.dicom_tls_port) if settings.dicom_tls else None
     )
+    workers = settings.worker_count
+    if listener is not None:
+        log.info(
+            "Stockade DIMSE listening on %s:%d as %s (%d worker%s), data in %s",
+            settings.dicom_host,
+            settings.dicom_port,
+            settings.dicom_ae_title,
+            workers,
+            "" if workers == 1 else "s",
+            settings.data_dir.resolve(),
+        )
+    if tls_listener is not None:
+        log.info(
+            "Stockade DICOM TLS listening on %s:%d as %s (%s)",
+            settings.dicom_host,
+            settings.dicom_tls_port,
+            settings.dicom_ae_title,
+            "mutual TLS" if settings.dicom_tls_client_ca_file else "server certificate only",
+        )
     if http is not None:
         log.info(
-            "Stockade DICOMweb on http://%s:%d/dicomweb", settings.http_host, settings.http_port
+            "Stockade DICOMweb on %s://%s:%d/dicomweb",
+            "https" if settings.http_tls else "http",
+            settings.http_host,
+            settings.http_port,
         )
     audit = build_archive(settings)
     audit.started("dimse")
     try:
         if workers == 1 and http is None:
-            serve_in_process(settings, listener)
+            serve_in_process(settings, listener, tls_listener)
             return 0
-        return _supervise(config_file, listener, workers, http, settings.http_worker_count)
+        return _supervise(
+            config_file, listener, workers, http, settings.http_worker_count, tls_listener
+        )
     finally:
         audit.stopped("dimse")
         audit.close()
 
 
-def _spawn(config_file: Path | None, module: str, fd: int) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", module, "--fd", str(fd)]
+#: A child process to run: its module and the listening sockets it inherits, by option.
+_Kind = tuple[str, tuple[tuple[str, int], ...]]
+
+
+def _spawn(
+    config_file: Path | None, module: str, fds: tuple[tuple[str, int], ...]
+) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", module]
+    for option, fd in fds:
+        args += [option, str(fd)]
     if config_file is not None:
         args += ["--config", str(config_file)]
-    return subprocess.Popen(args, pass_fds=(fd,))
+    return subprocess.Popen(args, pass_fds=tuple(fd for _option, fd in fds))
 
 
 def _supervise(
     config_file: Path | None,
-    listener: socket.socket,
+    listener: socket.socket | None,
     count: int,
     http: socket.socket | None,
     http_count: int,
+    tls_listener: socket.socket | None = None,
 ) -> int:
-    kinds = [("stockade.dimse.workers", listener.fileno())] * count
+    dimse: list[tuple[str, int]] = []
+    if listener is not None:
+        dimse.append(("--fd", listener.fileno()))
+    if tls_listener is not None:
+        dimse.append(("--tls-fd", tls_listener.fileno()))
+    kinds: list[_Kind] = [("stockade.dimse.workers", tuple(dimse))] * count
     if http is not None:
-        kinds += [("stockade.web.server", http.fileno())] * http_count
-    children = [_spawn(config_file, module, fd) for module, fd in kinds]
+        kinds += [("stockade.web.server", (("--fd", http.fileno()),))] * http_count
+    children = [_spawn(config_file, module, fds) for module, fds in kinds]
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     restarts: list[float] = []
@@ -174,21 +213,23 @@ def _supervise(
                 child.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
-        listener.close()
-        if http is not None:
-            http.close()
+        for sock in (listener, tls_listener, http):
+            if sock is not None:
+                sock.close()
     return 0
 
 
 def _worker_main() -> int:
     parser = argparse.ArgumentParser(prog="stockade-dimse-worker")
-    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fd", type=int, help="the plain DIMSE listening socket")
+    parser.add_argument("--tls-fd", type=int, help="the DICOM TLS listening socket")
     parser.add_argument("--config", type=Path)
     args = parser.parse_args()
     settings = load(args.config)
     configure_logging(settings.log_level)
-    listener = socket.socket(fileno=args.fd)
-    serve_in_process(settings, listener)
+    listener = socket.socket(fileno=args.fd) if args.fd is not None else None
+    tls_listener = socket.socket(fileno=args.tls_fd) if args.tls_fd is not None else None
+    serve_in_process(settings, listener, tls_listener)
     return 0
 
 

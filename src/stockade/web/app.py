@@ -44,6 +44,17 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-store"),
 ]
+#: Added on HTTPS (RFC 6797 HSTS; threat model SR-4, SR-10): never framed, nothing loaded
+#: from a DICOMweb response, no referrer, the origin kept to itself.
+HTTPS_HEADERS = [
+    (b"strict-transport-security", b"max-age=31536000"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
 
 
 def archive_of(request: Request) -> Archive:
@@ -125,7 +136,8 @@ async def problem(request: Request, exc: Exception) -> Response:
 
 
 class SecurityHeaders:
-    """ASGI middleware adding :data:`SECURITY_HEADERS` to every response."""
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every response, and
+    :data:`HTTPS_HEADERS` to those sent over HTTPS."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -135,14 +147,16 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        added = SECURITY_HEADERS + (HTTPS_HEADERS if scope.get("scheme") == "https" else [])
+
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [
                     (k, v)
                     for k, v in message.get("headers", [])
-                    if k.lower() not in {name for name, _ in SECURITY_HEADERS}
+                    if k.lower() not in {name for name, _ in added}
                 ]
-                message["headers"] = headers + SECURITY_HEADERS
+                message["headers"] = headers + added
             await send(message)
 
         await self.app(scope, receive, with_headers)

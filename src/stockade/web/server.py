@@ -26,6 +26,7 @@ from stockade.app import build_archive, configure_logging
 from stockade.audit.events import Actor
 from stockade.dicom.attributes import Level
 from stockade.errors import StockadeError
+from stockade.security.tls import http_server_context
 from stockade.settings import Settings, load
 from stockade.web import metadata
 from stockade.web.app import create_app
@@ -88,7 +89,9 @@ class MetadataWarmer(threading.Thread):
 
 
 def serve_http(settings: Settings, sock: socket.socket) -> None:
-    """Serve DICOMweb on *sock* until SIGTERM or SIGINT (uvicorn handles both)."""
+    """Serve DICOMweb on *sock* until SIGTERM or SIGINT (uvicorn handles both); over
+    HTTPS when ``http_tls_cert_file`` is set (:mod:`stockade.security.tls`)."""
+    tls = http_server_context(settings, warn=False) if settings.http_tls else None
     archive = build_archive(settings)
     warmer = MetadataWarmer(archive, settings.metadata_warm_delay)
     if settings.metadata_warm_delay > 0:
@@ -102,6 +105,7 @@ def serve_http(settings: Settings, sock: socket.socket) -> None:
             proxy_headers=False,
             h11_max_incomplete_event_size=64 * 1024,
             timeout_keep_alive=max(1, int(settings.dicom_idle_timeout)),
+            ssl_context_factory=None if tls is None else (lambda _config, _default: tls),
         )
         server = uvicorn.Server(config)
         asyncio.run(server.serve(sockets=[sock]))
