@@ -72,13 +72,12 @@ class _Harness:
     def __init__(self, root: Path, screening_actions: str = "") -> None:
         self.root = root
         self.screening_actions = screening_actions
-        self.folder = root
         self.inputs = 0
-        self.archive = self._build()
+        self.archive, self.folder = self._build()
 
-    def _build(self) -> Archive:
+    def _build(self) -> tuple[Archive, Path]:
+        """A prepared archive in a new folder under the root, and that folder."""
         folder = Path(tempfile.mkdtemp(prefix="archive-", dir=self.root))
-        self.folder = folder
         settings = load(
             environ={},
             overrides={
@@ -92,18 +91,30 @@ class _Harness:
         )
         store = FilesystemBlobStore(settings.data_dir)
         archive = Archive(settings, store, SqlIndex(settings.index_url), MemoryAuditSink())
-        archive.prepare()
-        return archive
+        try:
+            archive.prepare()
+        except BaseException:
+            archive.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return archive, folder
 
     def count(self) -> None:
         """Note one input; replace the archive once it has seen :data:`RESET_AFTER`."""
         self.inputs += 1
         if self.inputs < RESET_AFTER:
             return
+        self.inputs = 0
+        try:
+            fresh, folder = self._build()
+        except Exception as exc:  # noqa: BLE001 - the harness, not the code under test
+            # Building runs the index migrations from the source tree; if they cannot run
+            # now (the tree is being edited), keep fuzzing on the archive we have.
+            print(f"ingest target: archive not replaced ({exc!r})", file=sys.stderr)
+            return
         self.archive.close()
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.inputs = 0
-        self.archive = self._build()
+        self.archive, self.folder = fresh, folder
 
     def clear_audit(self) -> None:
         """Drop the audit events kept in memory (one per object)."""
