@@ -12,7 +12,9 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -99,3 +101,22 @@ def archive(settings: Settings, audit: MemoryAuditSink) -> Iterator[Archive]:
         yield arch
     finally:
         arch.close()
+
+
+def bearer(archive: Archive, role: str = "admin") -> str:
+    """A bearer token of a user of *role* (created on first use, with a random password)."""
+    from stockade.audit.events import Actor
+    from stockade.auth.roles import Role
+
+    name = f"test-{role}"
+    if archive.users.find(name) is None:
+        archive.accounts.add(name, Role(role), secrets.token_urlsafe(18), Actor(via="internal"))
+    token, _ = archive.accounts.create_token(name, timedelta(days=1), "test", Actor(via="internal"))
+    return token
+
+
+def authed(client: Any, archive: Archive, role: str = "admin") -> Any:
+    """*client* (a Starlette TestClient) with the bearer token of a user of *role*, as every
+    DICOMweb route requires."""
+    client.headers["Authorization"] = f"Bearer {bearer(archive, role)}"
+    return client

@@ -14,6 +14,7 @@ from stockade.audit.sink import MemoryAuditSink
 from stockade.ingest import Origin
 from stockade.web.app import create_app
 from stockade.web.dicomjson import attribute, row_to_json
+from tests.conftest import authed
 from tests.dicomfactory import make_dataset, part10
 
 
@@ -43,7 +44,7 @@ def _store(archive: Archive, count: int) -> str:
 
 def test_search_levels_fields_and_audit(archive: Archive, audit: MemoryAuditSink) -> None:
     study = _store(archive, 3)
-    client = TestClient(create_app(archive), client=("127.0.0.9", 50000))
+    client = authed(TestClient(create_app(archive), client=("127.0.0.9", 50000)), archive)
     found = client.get("/dicomweb/studies", params={"00100020": "Q1", "includefield": "all"})
     assert found.status_code == 200
     (item,) = found.json()
@@ -65,14 +66,14 @@ def test_search_levels_fields_and_audit(archive: Archive, audit: MemoryAuditSink
 def test_limit_over_the_maximum_is_lowered_with_a_warning(archive: Archive) -> None:
     _store(archive, 3)
     archive.settings = dataclasses.replace(archive.settings, query_max_results=2)
-    client = TestClient(create_app(archive))
+    client = authed(TestClient(create_app(archive)), archive)
     page = client.get("/dicomweb/instances", params={"limit": "10"})
     assert len(page.json()) == 2
     assert "lowered to the maximum page 2" in page.headers["warning"]
 
 
 def test_errors_are_problem_documents(archive: Archive) -> None:
-    client = TestClient(create_app(archive))
+    client = authed(TestClient(create_app(archive)), archive)
     for path, params, status in (
         ("/dicomweb/studies", {"PatientName": "a", "00100010": "b"}, 400),
         ("/dicomweb/studies", {"includefield": "ImagePositionPatient"}, 400),
@@ -91,7 +92,7 @@ def test_errors_are_problem_documents(archive: Archive) -> None:
 
 def test_capabilities_list_every_route(archive: Archive) -> None:
     app = create_app(archive)
-    client = TestClient(app)
+    client = authed(TestClient(app), archive)
     for method in ("OPTIONS", "GET"):
         response = client.request(method, "/dicomweb")
         assert response.status_code == 200
@@ -117,7 +118,7 @@ def test_capabilities_list_every_route(archive: Archive) -> None:
 
 def test_cors_only_for_configured_origins(archive: Archive) -> None:
     """No CORS grant by default; with explicit origins, those and only those (SR-3)."""
-    plain = TestClient(create_app(archive))
+    plain = authed(TestClient(create_app(archive)), archive)
     foreign = {"Origin": "https://evil.example"}
     assert (
         "access-control-allow-origin" not in plain.get("/dicomweb/studies", headers=foreign).headers
@@ -125,7 +126,7 @@ def test_cors_only_for_configured_origins(archive: Archive) -> None:
     archive.settings = dataclasses.replace(
         archive.settings, http_cors_origins="https://viewer.example, http://127.0.0.1:3000"
     )
-    client = TestClient(create_app(archive))
+    client = authed(TestClient(create_app(archive)), archive)
     allowed = client.get("/dicomweb/studies", headers={"Origin": "https://viewer.example"})
     assert allowed.headers["access-control-allow-origin"] == "https://viewer.example"
     assert "access-control-allow-credentials" not in allowed.headers

@@ -30,6 +30,7 @@ from stockade.audit.events import InstancesRetrieved
 from stockade.audit.sink import MemoryAuditSink
 from stockade.ingest import Origin
 from stockade.web.app import create_app
+from tests.conftest import authed
 from tests.dicomfactory import make_dataset, part10
 
 with warnings.catch_warnings():  # starlette warns at import that httpx2 is preferred
@@ -41,7 +42,7 @@ Array = npt.NDArray[np.float64]
 
 @pytest.fixture
 def client(archive: Archive) -> Iterator[TestClient]:
-    with TestClient(create_app(archive)) as c:
+    with authed(TestClient(create_app(archive)), archive) as c:
         yield c
 
 

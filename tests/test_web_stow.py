@@ -20,6 +20,7 @@ from stockade.dicom.part10 import read_part10
 from stockade.security.policy import Action, Policy
 from stockade.web.app import create_app
 from stockade.web.stow import media_type
+from tests.conftest import authed, bearer
 from tests.dicomfactory import make_dataset, part10
 
 with warnings.catch_warnings():
@@ -49,7 +50,7 @@ def multipart(parts: Iterable[bytes], content_type: str = "application/dicom") -
 
 @pytest.fixture
 def client(archive: Archive) -> Iterator[TestClient]:
-    with TestClient(create_app(archive)) as c:
+    with authed(TestClient(create_app(archive)), archive) as c:
         yield c
 
 
@@ -284,7 +285,12 @@ def run_asgi(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    headers = [(b"host", b"testserver"), (b"content-type", CONTENT_TYPE.encode())]
+    token = bearer(app.state.archive)
+    headers = [
+        (b"host", b"testserver"),
+        (b"content-type", CONTENT_TYPE.encode()),
+        (b"authorization", f"Bearer {token}".encode()),
+    ]
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
     scope = {
@@ -329,7 +335,7 @@ def test_part_over_max_object_size_fails_alone(archive: Archive) -> None:
     small = part10(make_dataset())
     big = part10(make_dataset(PixelData=bytes(4096)))
     archive.settings = dataclasses.replace(archive.settings, max_object_size=len(small) + 100)
-    with TestClient(create_app(archive)) as client:
+    with authed(TestClient(create_app(archive)), archive) as client:
         response = post(client, multipart([big, small]))
     assert response.status_code == 202, response.text
     (failed,) = response.json()[FAILED]["Value"]

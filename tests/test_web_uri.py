@@ -26,6 +26,7 @@ from stockade.dicom.part10 import read_part10
 from stockade.ingest import Origin
 from stockade.security.policy import Action, Policy
 from stockade.web.app import create_app
+from tests.conftest import authed
 from tests.dicomfactory import make_dataset, part10
 from tests.test_web_render import _store_huge
 
@@ -40,7 +41,7 @@ RLE = "1.2.840.10008.1.2.5"
 
 @pytest.fixture
 def client(archive: Archive) -> Iterator[TestClient]:
-    with TestClient(create_app(archive)) as c:
+    with authed(TestClient(create_app(archive)), archive) as c:
         yield c
 
 

@@ -29,6 +29,7 @@ from stockade.ingest import Origin
 from stockade.web import metadata
 from stockade.web.app import create_app
 from stockade.web.wado import dicom_candidates, parse_accept
+from tests.conftest import authed, bearer
 from tests.dicomfactory import make_dataset, part10
 
 with warnings.catch_warnings():
@@ -45,7 +46,7 @@ OCTET_ACCEPT = 'multipart/related; type="application/octet-stream"'
 
 @pytest.fixture
 def client(archive: Archive) -> Iterator[TestClient]:
-    with TestClient(create_app(archive)) as c:
+    with authed(TestClient(create_app(archive)), archive) as c:
         yield c
 
 
@@ -449,7 +450,10 @@ def test_a_client_that_goes_away_still_ends_the_retrieval(
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"testserver")],
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {bearer(archive)}".encode()),
+        ],
         "client": ("127.0.0.1", 40000),
         "server": ("testserver", 80),
     }

@@ -31,6 +31,9 @@ from stockade.audit.events import (
 )
 from stockade.audit.sink import AuditSink, Exporter
 from stockade.audit.trail import AuditTrail, TrailCheck
+from stockade.auth.admin import Accounts
+from stockade.auth.service import Authenticator
+from stockade.auth.users import UserStore
 from stockade.dicom.attributes import Level
 from stockade.dicom.sandbox import Decoder, open_decoder
 from stockade.dicom.uids import ae_title_problem, uid_problem
@@ -46,7 +49,7 @@ from stockade.errors import (
 )
 from stockade.index.base import Index, Node, StoredInstance
 from stockade.ingest import Buffer, Ingest, Origin, Receiving, StoreResult
-from stockade.query import Found, build
+from stockade.query import Found, Scope, build
 from stockade.retrieve import Retrieval, refused, retrieve_query
 from stockade.security.quarantine import QuarantineEntry
 from stockade.settings import Settings, is_loopback
@@ -145,6 +148,11 @@ class Archive:
         #: Where pixel data is decoded and encoded: decoder processes, started when first
         #: needed and stopped by :meth:`close` (threat model SR-13).
         self.decoder: Decoder = open_decoder(settings)
+        #: Users, tokens and sessions (in the index database), who is calling, and the
+        #: administration of accounts (threat model SR-7, SR-16).
+        self.users = UserStore(index.engine)
+        self.auth = Authenticator(settings, self.users, self.audit)
+        self.accounts = Accounts(self.users, self.audit, settings.data_dir)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -283,12 +291,14 @@ class Archive:
         return_keys: Iterable[str] = (),
         limit: int | None = None,
         offset: int = 0,
+        scope: Scope | None = None,
     ) -> Found:
         """Find entities at *level* whose attributes match *values* (PS3.4 C.2.2.2).
 
         The one query path of C-FIND and QIDO-RS; at most ``query_max_results``
         matches, fewer if *limit* says so. *actor* names the caller for the audit record
-        when it is not a DIMSE *peer* (a web client).
+        when it is not a DIMSE *peer* (a web client); *scope* limits what it may see (in
+        the SQL of the query, threat model SR-16).
 
         Raises
         ------
@@ -310,6 +320,7 @@ class Archive:
                 limit=cap if limit is None else min(limit, cap),
                 offset=offset,
                 case_sensitive_names=self.settings.query_case_sensitive_names,
+                scope=scope,
             )
             found = self.index.find(query)
         except StockadeError as exc:
@@ -346,6 +357,7 @@ class Archive:
         peer: Peer | None = None,
         destination: str | None = None,
         actor: Actor | None = None,
+        scope: Scope | None = None,
     ) -> Retrieval:
         """Locate what a retrieve sends (PS3.4 C.4.2.2.1): the one retrieve path of C-GET,
         C-MOVE, ``stockade send`` and WADO. *service* is ``get``, ``move``, ``send`` or
@@ -366,7 +378,7 @@ class Archive:
             if peer is not None:
                 peer.check(service)
             cap = self.settings.retrieve_max_instances
-            located = self.index.locate(retrieve_query(level, values, limit=cap))
+            located = self.index.locate(retrieve_query(level, values, limit=cap, scope=scope))
             if len(located) > cap:
                 raise TooManyMatches(
                     f"more than {cap} instances (retrieve_max_instances); retrieve series by series"
@@ -456,7 +468,7 @@ class Archive:
     def refuse_connection(self, address: str, reason: str) -> None:
         """Log and audit a connection refused before its association request: a failed
         DICOM TLS handshake (an expired or unknown client certificate, TLS 1.0 or 1.1, no
-        common cipher suite; PS3.15 B.9). *reason* names what failed, never key material."""
+        common cipher suite; PS3.15 Annex B). *reason* names what failed, never key material."""
         log.warning("connection from %s refused: %s", address, reason)
         self.audit(
             AssociationRejected(
@@ -479,7 +491,7 @@ class Archive:
         tls: bool = False,
         actor: Actor | None = None,
     ) -> Node:
-        """Configure a DICOM peer (*tls*: it talks DICOM TLS, PS3.15 B.9)."""
+        """Configure a DICOM peer (*tls*: it talks DICOM TLS, PS3.15 Annex B)."""
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError("node name must be 1 to 64 letters, digits, '-' or '_'")
         problem = ae_title_problem(ae_title)
@@ -779,6 +791,7 @@ class Archive:
         actor: Actor,
         build: Callable[[Retrieval, list[StoredInstance]], bytes],
         service: str = "wado",
+        scope: Scope | None = None,
     ) -> bytes:
         """The metadata of a study, series or instance, as *build* makes it, per series cached.
 
@@ -814,7 +827,7 @@ class Archive:
         InvalidQuery, TooManyMatches
             See :meth:`retrieve`.
         """
-        retrieval = self.retrieve(level, values, service=service, actor=actor)
+        retrieval = self.retrieve(level, values, service=service, actor=actor, scope=scope)
         try:
             if not retrieval.instances:
                 raise NotFound(f"no {level} matches {dict(retrieval.keys)}")

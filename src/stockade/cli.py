@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stockade import __version__, cli_audit, cli_security, cli_tls
+from stockade import __version__, cli_audit, cli_security, cli_tls, cli_users
 from stockade.app import build_archive, configure_logging
 from stockade.archive import Archive
 from stockade.dicom.attributes import Level
@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_security.add_commands(sub)
     cli_audit.add_commands(sub)
     cli_tls.add_commands(sub)
+    cli_users.add_commands(sub)
     st = sub.add_parser("settings", help="show the settings in force")
     st.add_argument("--markdown", action="store_true", help="print the settings reference")
     return parser
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _retrieve(archive, args)
             if args.command == "quarantine":
                 return cli_security.quarantine(archive, args)
+            if args.command == "user":
+                return cli_users.user(archive, args)
+            if args.command == "token":
+                return cli_users.token(archive, args)
             if args.command in cli_audit.COMMANDS:
                 return cli_audit.run(archive, args)
             return _node(archive, args)

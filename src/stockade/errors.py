@@ -193,3 +193,12 @@ class Quarantined(StockadeError):
     http_status = 409
     dimse_status = 0xC004  # Error: Cannot understand, sub-code for a quarantined object
     code = "quarantined"
+
+
+class NotAuthenticated(StockadeError):
+    """No valid credentials came with the request (HTTP 401), or a login failed. The reason
+    never says which of user name or password was wrong."""
+
+    http_status = 401
+    dimse_status = 0x0124  # Refused: Not authorized
+    code = "not-authenticated"

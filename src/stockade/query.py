@@ -65,8 +65,18 @@ def at_or_above(level: Level) -> frozenset[Level]:
 
 
 @dataclass(frozen=True)
+class Scope:
+    """What a caller may see: these studies, and every study of these patients (threat model
+    SR-16). Applied inside the query, in SQL; a caller without a scope sees everything."""
+
+    studies: frozenset[str] = frozenset()
+    patients: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Query:
-    """A query at one level: conditions, keys to return, and a page of the results."""
+    """A query at one level: conditions, keys to return, a page of the results, and the
+    caller's scope."""
 
     level: Level
     conditions: tuple[Condition, ...]
@@ -74,6 +84,7 @@ class Query:
     limit: int
     offset: int = 0
     case_sensitive_names: bool = False
+    scope: Scope | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ def build(
     limit: int,
     offset: int = 0,
     case_sensitive_names: bool = False,
+    scope: Scope | None = None,
 ) -> Query:
     """A :class:`Query` from text values per keyword (an empty value means "return it").
 
@@ -127,4 +139,6 @@ def build(
         key = KEYS.get(keyword)
         if key is not None and key.level in allowed and keyword not in returned:
             returned.append(keyword)
-    return Query(level, tuple(conditions), tuple(returned), limit, offset, case_sensitive_names)
+    return Query(
+        level, tuple(conditions), tuple(returned), limit, offset, case_sensitive_names, scope
+    )

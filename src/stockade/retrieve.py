@@ -30,7 +30,7 @@ from stockade.errors import (
     StorageFailure,
 )
 from stockade.index.base import StoredInstance
-from stockade.query import KEYS, LEVEL_ORDER, UNIQUE, Query, at_or_above
+from stockade.query import KEYS, LEVEL_ORDER, UNIQUE, Query, Scope, at_or_above
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Retrieval", "StoredInstance", "refused", "retrieve_query"]
 
 
-def retrieve_query(level: Level, values: Mapping[str, str | None], *, limit: int) -> Query:
+def retrieve_query(
+    level: Level, values: Mapping[str, str | None], *, limit: int, scope: Scope | None = None
+) -> Query:
     """The query of a retrieve identifier (PS3.4 C.4.2.2.1, C.4.3.2.1).
 
     Only the unique keys of *level* and the levels above count: the unique key of *level*
@@ -66,7 +68,7 @@ def retrieve_query(level: Level, values: Mapping[str, str | None], *, limit: int
         if "*" in raw or "?" in raw:
             raise InvalidQuery(f"{keyword} of a retrieve may not hold a wildcard")
         conditions.append(parse(keyword, KEYS[keyword].vr, raw))
-    return Query(level, tuple(conditions), (), limit)
+    return Query(level, tuple(conditions), (), limit, scope=scope)
 
 
 @dataclass

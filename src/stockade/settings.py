@@ -109,6 +109,15 @@ def _transport(value: str) -> str | None:
     return None if value in {"tls", "udp"} else "must be tls or udp"
 
 
+def _jwt_algorithms(value: str) -> str | None:
+    allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"}
+    names = [a.strip() for a in value.split(",") if a.strip()]
+    bad = [a for a in names if a not in allowed]
+    if bad or not names:
+        return f"must name asymmetric algorithms among {sorted(allowed)}"
+    return None
+
+
 def _log_level(value: str) -> str | None:
     levels = {"DEBUG", "INFO", "WARNING", "ERROR"}
     return None if value.upper() in levels else f"must be one of {sorted(levels)}"
@@ -154,7 +163,7 @@ DECLARED: tuple[Declared, ...] = (
         "dicom_tls_port",
         int,
         2762,
-        "TCP port of the DICOM TLS listener (PS3.15 B.9, BCP 195 RFC 8996 profile); it runs "
+        "TCP port of the DICOM TLS listener (PS3.15 Annex B, BCP 195 RFC 8996 profile); it runs "
         "when `dicom_tls_cert_file` is set. 0: no TLS listener.",
         _port_or_off,
     ),
@@ -417,6 +426,54 @@ DECLARED: tuple[Declared, ...] = (
         _origins,
     ),
     Declared(
+        "session_max_age",
+        int,
+        12 * 3600,
+        "Seconds a browser session lasts at most after login (absolute expiry).",
+        _positive,
+    ),
+    Declared(
+        "session_idle_timeout",
+        int,
+        30 * 60,
+        "Seconds a browser session may stay unused before it ends (idle expiry).",
+        _positive,
+    ),
+    Declared(
+        "oidc_issuer",
+        str,
+        "",
+        "Issuer (`iss`) of OIDC/JWT bearer tokens from an external identity provider; "
+        "empty: such tokens are not accepted.",
+    ),
+    Declared(
+        "oidc_audience",
+        str,
+        "",
+        "Audience (`aud`) that OIDC/JWT bearer tokens must name (Stockade's client id).",
+    ),
+    Declared(
+        "oidc_jwks_file",
+        str,
+        "",
+        "JSON Web Key Set (RFC 7517) file of the identity provider's signing keys; Stockade "
+        "never fetches keys from a URL a token names.",
+    ),
+    Declared(
+        "oidc_algorithms",
+        str,
+        "RS256,ES256",
+        "Signature algorithms accepted on OIDC/JWT tokens (comma-separated; `none` and HMAC "
+        "algorithms are refused).",
+        _jwt_algorithms,
+    ),
+    Declared(
+        "oidc_username_claim",
+        str,
+        "preferred_username",
+        "Claim of an OIDC/JWT token that names the Stockade user (whose role and scope apply).",
+    ),
+    Declared(
         "http_max_body_size",
         int,
         2 * GiB,
@@ -522,6 +579,13 @@ class Settings:
     http_workers: int
     metadata_warm_delay: float
     http_cors_origins: str
+    session_max_age: int
+    session_idle_timeout: int
+    oidc_issuer: str
+    oidc_audience: str
+    oidc_jwks_file: str
+    oidc_algorithms: str
+    oidc_username_claim: str
     http_max_body_size: int
     log_level: str
     audit_syslog_host: str

@@ -359,19 +359,73 @@ class StockadeServer:
     # command line
 
     def cli(
-        self, *args: str, timeout: float = 180, cwd: Path | None = None
+        self, *args: str, timeout: float = 180, cwd: Path | None = None, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run ``python -m stockade.cli ARGS`` on this data folder and index."""
         return subprocess.run(
             [sys.executable, "-m", "stockade.cli", *args],
             env=self.env("WARNING"),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if input is None else None,
+            input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
             cwd=cwd or self.root,
             check=False,
         )
+
+    # DICOMweb clients, authenticated as an administrator by a bearer token
+
+    _token: str | None = None
+
+    def user(self, name: str, role: str, password: str | None = None) -> str:
+        """Create a user with ``stockade user add`` (a random password unless given); return
+        an API token for it."""
+        import secrets
+
+        password = password or secrets.token_urlsafe(18)
+        made = self.cli("user", "add", name, "--role", role, "--password-stdin", input=password)
+        assert made.returncode == 0, made.stderr
+        token = self.cli("token", "create", name, "--expires", "1d")
+        assert token.returncode == 0, token.stderr
+        return token.stdout.strip()
+
+    @property
+    def token(self) -> str:
+        """A bearer token of the administrator ``tester`` (created on first use)."""
+        if self._token is None:
+            self._token = self.user("tester", "admin")
+        return self._token
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The Authorization header of :attr:`token`."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def web(self) -> Any:
+        """A dicomweb-client session on this server, authenticated."""
+        from dicomweb_client.api import DICOMwebClient
+
+        return DICOMwebClient(url=self.dicomweb, headers=self.auth)
+
+    def http(self, **kwargs: Any) -> Any:
+        """An httpx client with the Authorization header set."""
+        import httpx
+
+        headers = {**self.auth, **kwargs.pop("headers", {})}
+        return httpx.Client(headers=headers, **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        """``httpx.get`` with the Authorization header."""
+        import httpx
+
+        return httpx.get(url, headers={**self.auth, **kwargs.pop("headers", {})}, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        """``httpx.post`` with the Authorization header."""
+        import httpx
+
+        return httpx.post(url, headers={**self.auth, **kwargs.pop("headers", {})}, **kwargs)
 
     def verify(self) -> subprocess.CompletedProcess[str]:
         return self.cli("verify")

@@ -10,6 +10,7 @@ DIMSE user-identity password, an HTTP bearer token) must appear in no record and
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import getpass
 import json
@@ -39,6 +40,8 @@ from .conftest import (
 )
 
 SECRET = "s3cr3t-" + secrets.token_hex(8)
+#: HTTP Basic credentials of the user ``audituser`` whose password is :data:`SECRET`.
+BASIC = "Basic " + base64.b64encode(f"audituser:{SECRET}".encode()).decode()
 SCU = "AUDSCU"
 
 
@@ -77,7 +80,8 @@ def _wait_http(server: StockadeServer, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.TransportError):
-            if httpx.options(server.dicomweb, timeout=2).status_code == 200:
+            # 401: up, and asking for credentials (every route needs them)
+            if httpx.options(server.dicomweb, timeout=2).status_code in (200, 401):
                 return
         time.sleep(0.1)  # readiness polling only
     pytest.fail(f"DICOMweb did not answer within {timeout} s\n{server.log_tail()}")
@@ -106,7 +110,11 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         server.start()
         try:
             _wait_http(server)
-            rig.new_records()  # the start
+            made = server.cli(
+                "user", "add", "audituser", "--role", "admin", "--password-stdin", input=SECRET
+            )
+            assert made.returncode == 0, made.stderr
+            rig.new_records()  # the start and the user
             yield rig
         finally:
             if server.proc is not None:
@@ -205,7 +213,7 @@ def test_stow_rs_is_one_record(rig: Rig) -> None:
         headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
-            "Authorization": f"Bearer {SECRET}",
+            "Authorization": BASIC,
         },
         timeout=60,
     )
@@ -232,7 +240,7 @@ def test_qido_rs_is_one_record(rig: Rig) -> None:
     answer = httpx.get(
         f"{rig.server.dicomweb}/studies",
         params={"PatientID": "AUD-WEB"},
-        headers={"Authorization": f"Bearer {SECRET}"},
+        headers={"Authorization": BASIC},
         timeout=30,
     )
     assert answer.status_code == 200, answer.text
@@ -275,7 +283,7 @@ def test_c_move_is_one_record(rig: Rig) -> None:
 def test_wado_rs_is_one_record(rig: Rig) -> None:
     answer = httpx.get(
         f"{rig.server.dicomweb}/studies/{rig.web_study}",
-        headers={"Accept": 'multipart/related; type="application/dicom"'},
+        headers={"Accept": 'multipart/related; type="application/dicom"', "Authorization": BASIC},
         timeout=60,
     )
     assert answer.status_code == 200, answer.text[:500]

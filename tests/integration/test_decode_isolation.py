@@ -173,8 +173,8 @@ def _url(rig: Rig, name: str, tail: str = "") -> str:
     )
 
 
-def _get(url: str, accept: str) -> httpx.Response:
-    return httpx.get(url, headers={"Accept": accept}, timeout=60)
+def _get(rig: Rig, url: str, accept: str) -> httpx.Response:
+    return rig.server.get(url, headers={"Accept": accept}, timeout=60)
 
 
 def _problem(response: httpx.Response, status: int, pattern: str) -> None:
@@ -189,16 +189,16 @@ def _check_normal(rig: Rig, resource: str) -> None:
     """The normal object, asked for as *resource*, comes back right."""
     expected = rig.objects["normal"].pixel_array
     if resource == "rendered":
-        response = _get(_url(rig, "normal", "/rendered"), "image/png")
+        response = _get(rig, _url(rig, "normal", "/rendered"), "image/png")
         assert response.status_code == 200, response.text
         image = np.asarray(Image.open(io.BytesIO(response.content)))
         assert image.shape == expected.shape
     elif resource == "frames":
-        response = _get(_url(rig, "normal", "/frames/1"), OCTET)
+        response = _get(rig, _url(rig, "normal", "/frames/1"), OCTET)
         assert response.status_code == 200, response.text
         assert expected.astype("<u2").tobytes() in response.content
     else:
-        response = _get(_url(rig, "normal"), DICOM_EXPLICIT)
+        response = _get(rig, _url(rig, "normal"), DICOM_EXPLICIT)
         assert response.status_code == 200, response.text
         start = response.content.index(b"DICM") - 128
         got = pydicom.dcmread(io.BytesIO(response.content[start:]))
@@ -219,7 +219,7 @@ def test_a_crashing_decode_is_a_500_and_the_next_request_is_served(rig: Rig, res
     _check_normal(rig, resource)
     server_pid = _http_worker(rig)
     before = _decoders(rig)
-    _problem(_get(_url(rig, "segv", tail), accept), 500, "crashed (SIGSEGV)")
+    _problem(_get(rig, _url(rig, "segv", tail), accept), 500, "crashed (SIGSEGV)")
     assert not before & _decoders(rig)  # the crashed decoder is gone
     _check_normal(rig, resource)  # a new decoder, the same server process
     assert _http_worker(rig) == server_pid
@@ -228,7 +228,7 @@ def test_a_crashing_decode_is_a_500_and_the_next_request_is_served(rig: Rig, res
 def test_a_runaway_decode_is_stopped_at_the_deadline(rig: Rig) -> None:
     server_pid = _http_worker(rig)
     started = time.monotonic()
-    response = _get(_url(rig, "spin", "/rendered"), "image/png")
+    response = _get(rig, _url(rig, "spin", "/rendered"), "image/png")
     _problem(response, 500, f"longer than {TIMEOUT:g} s")
     assert time.monotonic() - started < TIMEOUT + 10
     _check_normal(rig, "rendered")
@@ -238,7 +238,7 @@ def test_a_runaway_decode_is_stopped_at_the_deadline(rig: Rig) -> None:
 def test_a_decode_over_the_memory_limit_fails_cleanly(rig: Rig) -> None:
     server_pid = _http_worker(rig)
     for tail, accept in (("/frames/1", OCTET), ("/rendered", "image/png")):
-        _problem(_get(_url(rig, "big", tail), accept), 500, "memory")
+        _problem(_get(rig, _url(rig, "big", tail), accept), 500, "memory")
         _check_normal(rig, "frames")
     assert _http_worker(rig) == server_pid
 
@@ -255,7 +255,7 @@ def test_a_huge_header_is_refused_before_any_decode(rig: Rig) -> None:
         ("/frames/1", OCTET),
         ("", DICOM_EXPLICIT),
     ):
-        _problem(_get(_url(rig, "huge", tail), accept), 406, "limit")
+        _problem(_get(rig, _url(rig, "huge", tail), accept), 406, "limit")
     assert _decoders(rig) == decoders  # no job reached a decoder
     assert _peak_rss(server_pid) - peak < 32 * 1024 * 1024
     assert _http_worker(rig) == server_pid

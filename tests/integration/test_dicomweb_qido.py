@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-from dicomweb_client.api import DICOMwebClient
 
 from tests.conftest import database
 
@@ -71,7 +69,7 @@ def test_person_names(
     web_server: tuple[StockadeServer, list[Patient]], value: str, expected: set[str]
 ) -> None:
     server, patients = web_server
-    client = DICOMwebClient(url=server.dicomweb)
+    client = server.web()
     results = client.search_for_studies(search_filters={"PatientName": value})
     want = studies_where(
         patients, lambda p, s: wild(name_form(p.name), name_form(value), fold=True)
@@ -85,7 +83,7 @@ def test_patient_ids_treat_percent_and_underscore_literally(
     web_server: tuple[StockadeServer, list[Patient]], value: str
 ) -> None:
     server, patients = web_server
-    client = DICOMwebClient(url=server.dicomweb)
+    client = server.web()
     results = client.search_for_studies(search_filters={"00100020": value})
     assert uids(results) == studies_where(patients, lambda p, s: wild(p.pid, value))
 
@@ -96,7 +94,7 @@ def test_study_date_ranges(web_server: tuple[StockadeServer, list[Patient]], val
     low, sep, high = value.partition("-")
     if not sep:
         high = low
-    client = DICOMwebClient(url=server.dicomweb)
+    client = server.web()
     results = client.search_for_studies(search_filters={"StudyDate": value})
     want = studies_where(
         patients, lambda p, s: (not low or s.date >= low) and (not high or s.date <= high)
@@ -108,7 +106,7 @@ def test_non_ascii_names_come_back_as_stored(
     web_server: tuple[StockadeServer, list[Patient]],
 ) -> None:
     server, _patients = web_server
-    client = DICOMwebClient(url=server.dicomweb)
+    client = server.web()
     for value, pid, stored in (
         ("Müller*", "UTF-1", "Müller^Jürgen"),
         ("山田*", "UTF-2", "山田^太郎"),
@@ -123,7 +121,7 @@ def test_series_and_instances_with_counts(
     web_server: tuple[StockadeServer, list[Patient]],
 ) -> None:
     server, patients = web_server
-    client = DICOMwebClient(url=server.dicomweb)
+    client = server.web()
     study = max(_all(patients), key=lambda s: sum(len(v[1]) for v in s.series.values()))
     series = client.search_for_series(study_instance_uid=study.uid)
     got = {
@@ -147,14 +145,14 @@ def test_paging_limit_offset_and_the_maximum(
     web_server: tuple[StockadeServer, list[Patient]],
 ) -> None:
     server, patients = web_server
-    client = DICOMwebClient(url=server.dicomweb)
+    client = server.web()
     total = sum(len(p.studies) for p in patients)
     assert total > 60
     first = client.search_for_studies(limit=25, offset=0)
     second = client.search_for_studies(limit=25, offset=25)
     assert len(first) == len(second) == 25
     assert not uids(first) & uids(second)
-    with httpx.Client() as http:
+    with server.http() as http:
         capped = http.get(f"{server.dicomweb}/studies", params={"limit": "500"})
         assert capped.status_code == 200 and len(capped.json()) == 60
         warning = capped.headers["warning"]
@@ -169,7 +167,7 @@ def test_paging_limit_offset_and_the_maximum(
 
 def test_includefield_and_bad_requests(web_server: tuple[StockadeServer, list[Patient]]) -> None:
     server, _patients = web_server
-    with httpx.Client() as http:
+    with server.http() as http:
         base = server.dicomweb
         one = http.get(f"{base}/studies", params={"PatientID": "CASE-1", "includefield": "all"})
         assert one.status_code == 200

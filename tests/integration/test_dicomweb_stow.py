@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -58,7 +57,7 @@ def wait_http(server: StockadeServer, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{server.dicomweb}/studies", timeout=2).status_code == 200:
+            if server.get(f"{server.dicomweb}/studies", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -91,7 +90,7 @@ def encoded_dataset(ds: Dataset) -> bytes:
 def test_store_a_study_and_the_bytes_are_what_was_sent(server: StockadeServer) -> None:
     datasets = study(5)
     sent = {ds.SOPInstanceUID: encoded_dataset(ds) for ds in datasets}
-    client = DICOMwebClient(url=server.dicomweb)
+    client = server.web()
     answer = client.store_instances(datasets)
     assert "FailedSOPSequence" not in answer
     assert {item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence} == set(sent)
@@ -119,7 +118,7 @@ def test_store_a_study_and_the_bytes_are_what_was_sent(server: StockadeServer) -
 def test_instance_of_another_study_fails_alone(server: StockadeServer) -> None:
     mine = study(2, seed=2)
     foreign = study(1, seed=3)
-    client = DICOMwebClient(url=server.dicomweb)
+    client = server.web()
     answer = client.store_instances([*mine, *foreign], study_instance_uid=mine[0].StudyInstanceUID)
     (failed,) = answer.FailedSOPSequence
     assert failed.ReferencedSOPInstanceUID == foreign[0].SOPInstanceUID

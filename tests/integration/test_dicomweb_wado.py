@@ -40,7 +40,7 @@ def wait_http(server: StockadeServer, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(server.dicomweb + "/studies", timeout=5).status_code == 200:
+            if server.get(server.dicomweb + "/studies", timeout=5).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -78,7 +78,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def client_of(rig: Rig) -> DICOMwebClient:
-    return DICOMwebClient(url=rig.server.dicomweb)
+    return rig.server.web()
 
 
 def check_same(rig: Rig, got: list[pydicom.Dataset], expected: set[str]) -> None:
@@ -161,7 +161,7 @@ def test_rendered_and_thumbnail_through_dicomweb_client(rig: Rig) -> None:
     assert image.size == (source.Columns, source.Rows)
     assert len(set(image.get_flattened_data())) > 10  # a picture, not a flat grey
     url = f"{rig.server.dicomweb}/studies/{keys[0]}/series/{keys[1]}/thumbnail"
-    answer = httpx.get(url, timeout=30)  # dicomweb-client has no thumbnail call
+    answer = rig.server.get(url, timeout=30)  # dicomweb-client has no thumbnail call
     assert answer.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(answer.content)).size) <= 128
 
@@ -219,7 +219,7 @@ def test_a_500_mb_study_streams_in_flat_memory(tmp_path: Path) -> None:
         # warm up the code paths (imports, codecs) with one small answer
         first = next(iter(files))
         series = str(pydicom.dcmread(files[first]).SeriesInstanceUID)
-        warm = httpx.get(f"{server.dicomweb}/studies/{study}/series/{series}/instances/{first}")
+        warm = server.get(f"{server.dicomweb}/studies/{study}/series/{series}/instances/{first}")
         assert warm.status_code == 200
         baseline = rss_kib(pid)
         peak = baseline
@@ -237,7 +237,9 @@ def test_a_500_mb_study_streams_in_flat_memory(tmp_path: Path) -> None:
         parts = 0
         started = time.monotonic()
         try:
-            with httpx.stream("GET", f"{server.dicomweb}/studies/{study}", timeout=60) as r:
+            with httpx.stream(
+                "GET", f"{server.dicomweb}/studies/{study}", timeout=60, headers=server.auth
+            ) as r:
                 assert r.status_code == 200
                 marker = b"Content-Type: application/dicom;"
                 tail = b""

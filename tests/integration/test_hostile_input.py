@@ -14,10 +14,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pydicom
 import pytest
-from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -62,11 +60,11 @@ def _high_water_marks(server: StockadeServer) -> dict[int, int]:
 
 def _served_files(server: StockadeServer) -> list[bytes]:
     """Every stored instance, as WADO-RS serves it (study-level retrieves)."""
-    client = DICOMwebClient(server.dicomweb)
+    client = server.web()
     out = []
     for study in client.search_for_studies():
         uid = study["0020000D"]["Value"][0]
-        response = httpx.get(
+        response = server.get(
             f"{server.dicomweb}/studies/{uid}",
             headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
             timeout=60,
@@ -107,7 +105,7 @@ def test_polyglots_by_every_transport_are_held_and_nothing_served_carries_them(
     assert "Success" in responses[str(files / "clean.dcm")]
 
     # STOW-RS: dicomweb-client posts Part 10 files, preambles included
-    client = DICOMwebClient(server.dicomweb)
+    client = server.web()
     stow = []
     for name in ("pe", "elf", "html"):
         data = part10(make_dataset(), preamble=polyglots.PREAMBLES[name])
@@ -268,7 +266,7 @@ def test_hostile_sizes_are_refused_with_memory_bounded(
 
     # STOW-RS: a gzip body that inflates to 1 GiB, past http_max_body_size (256 MiB)
     body = _gzip_bomb(2**30)
-    response = httpx.post(
+    response = server.post(
         f"{server.dicomweb}/studies",
         content=body,
         headers={
@@ -278,7 +276,7 @@ def test_hostile_sizes_are_refused_with_memory_bounded(
         timeout=120,
     )
     assert response.status_code == 413 and "http_max_body_size" in response.text
-    response = httpx.post(
+    response = server.post(
         f"{server.dicomweb}/studies",
         content=b"x",
         headers={

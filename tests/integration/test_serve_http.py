@@ -64,7 +64,7 @@ def test_a_dead_http_process_is_restarted(make_server) -> None:  # type: ignore[
     server: StockadeServer = make_server(settings={"STOCKADE_HTTP_WORKERS": "2"})
     server.start()
     url = f"{server.dicomweb}/studies"
-    assert httpx.get(url, timeout=30).status_code == 200
+    assert server.get(url, timeout=30).status_code == 200
     before = _web_children(server)
     assert len(before) == 2
     killed = min(before)
@@ -77,7 +77,7 @@ def test_a_dead_http_process_is_restarted(make_server) -> None:  # type: ignore[
         assert time.monotonic() < deadline, server.log_tail()
         time.sleep(0.1)
     for _ in range(4):  # whichever worker takes the connection answers
-        assert httpx.get(url, timeout=30).status_code == 200
+        assert server.get(url, timeout=30).status_code == 200
     server.stop()
 
 
@@ -94,7 +94,7 @@ def test_metadata_of_a_new_series_is_built_in_the_background(
     )
     server.start()
     # The warmer looks at what arrives once its HTTP worker runs: wait for the workers.
-    assert httpx.options(server.dicomweb, timeout=30).status_code == 200
+    assert httpx.options(server.dicomweb, timeout=30, headers=server.auth).status_code == 200
     deadline = time.monotonic() + 30
     while server.log_path.read_text().count("Application startup complete") < 2:
         assert time.monotonic() < deadline, server.log_tail()
@@ -117,6 +117,6 @@ def test_metadata_of_a_new_series_is_built_in_the_background(
         f"{server.dicomweb}/studies/{first.StudyInstanceUID}"
         f"/series/{first.SeriesInstanceUID}/metadata"
     )
-    answer = httpx.get(url, timeout=30)
+    answer = server.get(url, timeout=30)
     assert answer.status_code == 200 and len(answer.json()) == 4
     server.stop()

@@ -6,9 +6,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stockade.query import Found, Query
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 @dataclass(frozen=True)
@@ -90,13 +93,16 @@ class Node:
     host: str
     port: int
     allow: frozenset[str] = field(default_factory=frozenset)
-    #: The peer talks DICOM TLS (PS3.15 B.9): connections to it use TLS, and its
+    #: The peer talks DICOM TLS (PS3.15 Annex B, BCP 195 RFC 8996 profile): connections to it use TLS, and its
     #: associations are admitted over the TLS listener only.
     tls: bool = False
 
 
 class Index(Protocol):
     """What the archive needs from its database."""
+
+    #: The database engine: users, tokens and the audit trail live in the same database.
+    engine: Engine
 
     def migrate(self) -> None:
         """Bring the schema to the newest version."""

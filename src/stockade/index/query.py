@@ -12,7 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, exists, func, literal, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    exists,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.sql import FromClause
 
 from stockade.dicom.attributes import Level
@@ -160,6 +170,34 @@ def _condition(cond: Condition, query: Query) -> ColumnElement[bool]:
     return or_(*(_text(column, v) for v in cond.values))
 
 
+def _scoped(query: Query, level: Level) -> list[ColumnElement[bool]]:
+    """The caller's scope as a condition (none without a scope): a study is visible when it
+    is in the scope or belongs to a patient in it; a patient when it is, or has such a
+    study."""
+    scope = query.scope
+    if scope is None:
+        return []
+    study_ok = or_(
+        studies.c.study_uid.in_(sorted(scope.studies)) if scope.studies else false(),
+        patients.c.patient_id.in_(sorted(scope.patients)) if scope.patients else false(),
+    )
+    if level is Level.PATIENT:
+        return [
+            or_(
+                patients.c.patient_id.in_(sorted(scope.patients)) if scope.patients else false(),
+                exists(
+                    select(literal(1)).where(
+                        studies.c.patient_pk == patients.c.id,
+                        studies.c.study_uid.in_(sorted(scope.studies)),
+                    )
+                )
+                if scope.studies
+                else false(),
+            )
+        ]
+    return [study_ok]
+
+
 def _check(query: Query) -> None:
     unknown = [c.keyword for c in query.conditions if c.keyword not in _COLUMNS]
     if unknown:
@@ -177,7 +215,7 @@ def locate(conn: Connection, query: Query) -> list[StoredInstance]:
     stmt = (
         select(*STORED_COLUMNS)
         .select_from(_from(Level.IMAGE))
-        .where(*(_condition(c, query) for c in query.conditions))
+        .where(*(_condition(c, query) for c in query.conditions), *_scoped(query, Level.IMAGE))
         .order_by(studies.c.id, series.c.id, instances.c.instance_number, instances.c.id)
         .limit(query.limit + 1)
     )
@@ -197,7 +235,7 @@ def find(conn: Connection, query: Query) -> Found:
     stmt = (
         select(*(_COLUMNS[k].label(k) for k in names))
         .select_from(_from(query.level))
-        .where(*(_condition(c, query) for c in query.conditions))
+        .where(*(_condition(c, query) for c in query.conditions), *_scoped(query, query.level))
         .order_by(_ROOT[query.level].c.id)
         .limit(query.limit + 1)
         .offset(query.offset)

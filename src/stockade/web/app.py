@@ -26,8 +26,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.audit.events import Actor
+from stockade.auth.service import Principal
 from stockade.dicom.uids import uid_problem
-from stockade.errors import InvalidQuery, StockadeError
+from stockade.errors import InvalidQuery, NotAuthenticated, StockadeError
+from stockade.query import Scope as ViewScope
 from stockade.settings import cors_origins
 
 if TYPE_CHECKING:
@@ -64,9 +66,22 @@ def archive_of(request: Request) -> Archive:
 
 
 def actor_of(request: Request) -> Actor:
-    """The caller, for the audit trail (users arrive with the identity issue)."""
+    """The authenticated caller, for the audit trail."""
     client = request.client
-    return Actor(address=client.host if client else None, via="web")
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return Actor(
+        user=principal.user if principal else None,
+        address=client.host if client else None,
+        via="web",
+    )
+
+
+def scope_of(request: Request) -> ViewScope | None:
+    """What the authenticated caller may see (None: everything); applied in the query."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None:  # the middleware lets no unauthenticated request through
+        raise NotAuthenticated("authentication required")
+    return principal.scope
 
 
 #: Path parameters naming UIDs, and their keywords.
@@ -126,7 +141,10 @@ async def problem(request: Request, exc: Exception) -> Response:
         status = exc.http_status
         if status >= 500:
             log.warning("%s %s failed: %s", request.method, request.url.path, exc.reason)
-        return problem_response(status, _TITLES.get(status, "Error"), exc.reason, exc.code)
+        response = problem_response(status, _TITLES.get(status, "Error"), exc.reason, exc.code)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="Stockade"'
+        return response
     if isinstance(exc, HTTPException):
         status = exc.status_code
         detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(status, "Error")
@@ -212,21 +230,27 @@ def create_app(archive: Archive) -> Starlette:
     async def options(_request: Request) -> Response:
         return Response(document, media_type="application/json", headers={"Allow": "OPTIONS, GET"})
 
+    from stockade.web import auth
+
     app = Starlette(
         routes=[
             Route(BASE, options, methods=["OPTIONS", "GET"]),
             Mount(BASE, routes=routes),
+            *auth.ROUTES,
         ],
         exception_handlers=handlers,
     )
     app.state.archive = archive
+    # Every request is authenticated first (deny by default); CORS and the security headers
+    # wrap it, so that a refusal carries them too.
+    app.add_middleware(auth.Authenticate, archive=archive, base=BASE)
     origins = cors_origins(archive.settings.http_cors_origins)
     if origins:  # explicit origins only; never "*", never with credentials
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Accept", "Content-Type"],
+            allow_headers=["Accept", "Content-Type", "Authorization"],
             allow_credentials=False,
             max_age=600,
         )

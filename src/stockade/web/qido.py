@@ -26,7 +26,7 @@ from stockade.dicom.attributes import Level
 from stockade.dicom.uids import uid_problem
 from stockade.errors import InvalidQuery
 from stockade.query import KEYS, KEYS_BY_TAG, at_or_above
-from stockade.web.app import BASE, actor_of, archive_of
+from stockade.web.app import BASE, actor_of, archive_of, scope_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE, RETRIEVE_URL, row_to_json, tag_hex
 
 #: Attributes returned by default per level (PS3.18 Table 10.6.3-3 to 10.6.3-5), as far as
@@ -178,6 +178,7 @@ def _search(level: Level, with_study_keys: bool = False) -> Any:
             level,
             values,
             actor=actor_of(request),
+            scope=scope_of(request),
             return_keys=[*defaults, *include],
             limit=page,
             offset=offset,

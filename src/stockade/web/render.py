@@ -70,7 +70,7 @@ from stockade.errors import (
     NotFound,
     StockadeError,
 )
-from stockade.web.app import actor_of, archive_of, path_uids
+from stockade.web.app import actor_of, archive_of, path_uids, scope_of
 
 if TYPE_CHECKING:
     from stockade.retrieve import Retrieval, StoredInstance
@@ -718,7 +718,11 @@ def render_located(
     async def run() -> Response:
         archive = archive_of(request)
         retrieval = archive.retrieve(
-            _level(values), dict(values), service="wado", actor=actor_of(request)
+            _level(values),
+            dict(values),
+            service="wado",
+            actor=actor_of(request),
+            scope=scope_of(request),
         )
         try:
             candidates = pick(retrieval.instances)

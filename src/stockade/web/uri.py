@@ -41,7 +41,7 @@ from stockade.dicom.uids import uid_problem
 from stockade.errors import InvalidQuery, NotFound, StockadeError
 from stockade.retrieve import Retrieval, StoredInstance
 from stockade.web import render
-from stockade.web.app import actor_of, archive_of
+from stockade.web.app import actor_of, archive_of, scope_of
 
 __all__ = ["DICOM", "ROUTES", "wado_uri"]
 
@@ -218,7 +218,7 @@ async def wado_uri(request: Request) -> Response:
         return response
     target = _target(params)
     retrieval = archive_of(request).retrieve(
-        Level.IMAGE, values, service="wado", actor=actor_of(request)
+        Level.IMAGE, values, service="wado", actor=actor_of(request), scope=scope_of(request)
     )
     try:
         if not retrieval.instances:

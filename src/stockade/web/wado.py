@@ -70,7 +70,7 @@ from stockade.errors import (
 )
 from stockade.retrieve import Retrieval
 from stockade.web import metadata
-from stockade.web.app import BASE, actor_of, archive_of, path_uids
+from stockade.web.app import BASE, actor_of, archive_of, path_uids, scope_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE
 
 if TYPE_CHECKING:  # types only: adapters never use index/ (docs/architecture.md)
@@ -350,7 +350,9 @@ async def _retrieve(request: Request) -> Response:
     candidates = dicom_candidates(parse_accept(request.headers.get("accept")))
     archive = archive_of(request)
     retrieval = await run_in_threadpool(
-        lambda: archive.retrieve(level, values, service="wado", actor=actor_of(request))
+        lambda: archive.retrieve(
+            level, values, service="wado", actor=actor_of(request), scope=scope_of(request)
+        )
     )
     try:
         if not retrieval.instances:
@@ -410,7 +412,13 @@ async def _metadata(request: Request) -> Response:
 
     def work() -> bytes:
         try:
-            body = archive.metadata(level, values, actor=actor_of(request), build=metadata.build)
+            body = archive.metadata(
+                level,
+                values,
+                actor=actor_of(request),
+                scope=scope_of(request),
+                build=metadata.build,
+            )
         except NotFound:
             raise _not_found(level, values) from None
         return metadata.absolute(body, _base(request))
@@ -432,7 +440,7 @@ def _instance(request: Request) -> tuple[Retrieval, StoredInstance]:
     """
     values: dict[str, str | None] = dict(path_uids(request))
     retrieval = archive_of(request).retrieve(
-        Level.IMAGE, values, service="wado", actor=actor_of(request)
+        Level.IMAGE, values, service="wado", actor=actor_of(request), scope=scope_of(request)
     )
     if not retrieval.instances:
         retrieval.finish()

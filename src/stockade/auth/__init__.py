@@ -1,0 +1,1 @@
+"""Identity and access: users, passwords, tokens, sessions and the one policy point."""
