@@ -308,7 +308,10 @@ def send_to_node(
     settings = archive.settings
     if not retrieval.instances:
         return False
-    node = archive.node_by_ae(called_ae)
+    node = next(
+        (n for n in archive.nodes() if (n.ae_title, n.host, n.port) == (called_ae, host, port)),
+        None,
+    )
     link = connect(
         host,
         port,
