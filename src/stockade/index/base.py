@@ -93,8 +93,8 @@ class Node:
     host: str
     port: int
     allow: frozenset[str] = field(default_factory=frozenset)
-    #: The peer talks DICOM TLS (PS3.15 Annex B, BCP 195 RFC 8996 profile): connections to it use TLS, and its
-    #: associations are admitted over the TLS listener only.
+    #: The peer talks DICOM TLS (PS3.15 Annex B, BCP 195 RFC 8996 profile): connections to
+    #: it use TLS, and its associations are admitted over the TLS listener only.
     tls: bool = False
 
 
