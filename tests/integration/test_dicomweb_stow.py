@@ -134,9 +134,11 @@ def test_too_large_upload_is_refused_before_its_body(
     server: StockadeServer, expect_continue: bool
 ) -> None:
     port = int(server.dicomweb.split(":")[2].split("/")[0])
+    token = server.token
     head = (
         "POST /dicomweb/studies HTTP/1.1\r\n"
         f"Host: {HOST}:{port}\r\n"
+        f"Authorization: Bearer {token}\r\n"
         'Content-Type: multipart/related; type="application/dicom"; boundary=x\r\n'
         f"Content-Length: {10 * 1024**3}\r\n"
         + ("Expect: 100-continue\r\n" if expect_continue else "")
@@ -161,9 +163,11 @@ def test_chunked_upload_over_the_limit_is_413(server: StockadeServer) -> None:
     as soon as it does: the client sends one chunk past the limit, then waits (it never
     ends the body), so the answer cannot come from the end of the request."""
     port = int(server.dicomweb.split(":")[2].split("/")[0])
+    token = server.token
     head = (
         "POST /dicomweb/studies HTTP/1.1\r\n"
         f"Host: {HOST}:{port}\r\n"
+        f"Authorization: Bearer {token}\r\n"
         'Content-Type: multipart/related; type="application/dicom"; boundary=x\r\n'
         "Transfer-Encoding: chunked\r\n\r\n"
     )
