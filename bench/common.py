@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -261,3 +262,33 @@ def fsync_probe(folder: Path, count: int = 20, size: int = 512 * 1024) -> float:
         path.unlink(missing_ok=True)
     times.sort()
     return 1000 * times[len(times) // 2]
+
+
+def stockade_token(env: Mapping[str, str], cwd: Path | None = None) -> str:
+    """Create the administrator ``bench`` (a random password) in a running Stockade and
+    return a bearer token for its DICOMweb requests."""
+    import secrets
+
+    command = [sys.executable, "-m", "stockade.cli"]
+    made = subprocess.run(
+        [*command, "user", "add", "bench", "--role", "admin", "--password-stdin"],
+        input=secrets.token_urlsafe(18),
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if made.returncode != 0 and "exists already" not in made.stderr:
+        raise BenchError(f"cannot create the benchmark user: {made.stderr.strip()}")
+    token = subprocess.run(
+        [*command, "token", "create", "bench", "--expires", "2d"],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if token.returncode != 0:
+        raise BenchError(f"cannot create a benchmark token: {token.stderr.strip()}")
+    return token.stdout.strip()

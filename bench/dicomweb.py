@@ -69,8 +69,14 @@ class OrthancDicomWeb(Orthanc):
         return config
 
 
+#: Headers of every request to the archive under test (set by :func:`base_url`).
+HEADERS: dict[str, str] = {}
+
+
 def base_url(target: Target, session: Session) -> str:
-    """The DICOMweb root of a running archive."""
+    """The DICOMweb root of a running archive (and its request headers, in HEADERS)."""
+    HEADERS.clear()
+    HEADERS.update(session.http_headers)
     root = "/dicom-web" if isinstance(target, Orthanc) else "/dicomweb"
     return f"http://127.0.0.1:{session.http_port}{root}"
 
@@ -92,7 +98,7 @@ def bodies(files: list[Path], batch: int) -> list[bytes]:
 
 def stow(url: str, batches: list[bytes]) -> None:
     """POST every batch on one connection; every answer must be 200."""
-    with httpx.Client(timeout=600) as client:
+    with httpx.Client(timeout=600, headers=HEADERS) as client:
         for body in batches:
             response = client.post(
                 f"{url}/studies", content=body, headers={"Content-Type": STOW_TYPE}
@@ -122,7 +128,7 @@ def stow_parallel(url: str, per_connection: list[list[bytes]]) -> None:
 
 def study_counts(url: str) -> dict[str, int]:
     """Study UID -> NumberOfStudyRelatedInstances, by QIDO-RS."""
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=HEADERS) as client:
         response = client.get(
             f"{url}/studies", params={"includefield": "NumberOfStudyRelatedInstances"}
         )
@@ -139,7 +145,7 @@ def wado(url: str, studies: list[str]) -> int:
     """Retrieve every study on one connection, streaming; return the number of parts
     (delimiters ``--boundary`` counted in the stream, minus the closing one per study)."""
     parts = 0
-    with httpx.Client(timeout=600) as client:
+    with httpx.Client(timeout=600, headers=HEADERS) as client:
         for study in studies:
             with client.stream(
                 "GET", f"{url}/studies/{study}", headers={"Accept": WADO_ACCEPT}
@@ -233,7 +239,7 @@ def series_metadata(target: Target, run_dir: Path, count: int, repeats: int) -> 
             batches.append(batch + f"--{BOUNDARY}--\r\n".encode())
         stow(url, batches)
         times = []
-        with httpx.Client(timeout=600) as client:
+        with httpx.Client(timeout=600, headers=HEADERS) as client:
             for _ in range(repeats + 1):
                 started = time.perf_counter()
                 response = client.get(

@@ -58,6 +58,7 @@ from bench.common import (
     dcmtk_env,
     free_port,
     require_tool,
+    stockade_token,
     wait_for_echo,
 )
 from bench.targets import _fresh_schema
@@ -276,14 +277,16 @@ def measure(
     return statistics.median(times[2:]), matches
 
 
-def measure_qido(http_port: int, keys: dict[str, str], repeats: int) -> tuple[float, int]:
+def measure_qido(
+    http_port: int, keys: dict[str, str], repeats: int, headers: dict[str, str]
+) -> tuple[float, int]:
     """Median milliseconds per QIDO-RS study search on one kept-alive HTTP connection (the
     same keys as the C-FIND; the default return keys), and the number of results."""
     import httpx
 
     url = f"http://127.0.0.1:{http_port}/dicomweb/studies"
     times, matches = [], 0
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=headers) as client:
         for _ in range(repeats + 2):  # two warm-up requests
             started = time.perf_counter()
             response = client.get(url, params=keys)
@@ -407,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         wait_for_echo(service, "STOCKADE", port, 60)
+        auth = {"Authorization": f"Bearer {stockade_token({**os.environ, **env})}"}
         print("| query | matches | median ms |")
         print("|---|---:|---:|")
         ok = True
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| query (QIDO-RS) | matches | median ms |")
         print("|---|---:|---:|")
         for name, keys, expected in queries(patients):
-            median, matches = measure_qido(http_port, keys, args.repeats)
+            median, matches = measure_qido(http_port, keys, args.repeats, auth)
             flag = "" if matches == expected else f" (expected {expected})"
             ok = ok and matches == expected
             print(f"| {name} | {matches}{flag} | {median:.1f} |")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pydicom
 
-from bench.synthetic import WORK, generate
+from bench.common import WORK
+from bench.synthetic import generate
 
 
 def _small_set(source: list[Path], count: int) -> Path:

@@ -33,6 +33,7 @@ from bench.common import (
     first_line,
     free_port,
     require_tool,
+    stockade_token,
     wait_for_echo,
 )
 
@@ -60,6 +61,8 @@ class Session:
     notes: dict[str, str] = field(default_factory=dict)
     #: The HTTP port, where the archive serves one (DICOMweb, REST).
     http_port: int | None = None
+    #: Headers every HTTP request needs (Stockade's Authorization).
+    http_headers: dict[str, str] = field(default_factory=dict)
 
 
 class Target(ABC):
@@ -206,6 +209,7 @@ class Stockade(Target):
                 database_process="postgres" if self.database_url else None,
                 notes=notes,
                 http_port=http_port,
+                http_headers={"Authorization": f"Bearer {stockade_token(env, ROOT)}"},
             )
             if collector is not None:
                 session.notes["syslog"] = f"{self.syslog} collector on 127.0.0.1:{collector.port}"
