@@ -60,3 +60,12 @@ def test_security_doc_lists_every_finding_type_with_its_default() -> None:
     assert table == findings_markdown(), (
         "regenerate with stockade.security.policy.findings_markdown()"
     )
+
+
+def test_security_doc_has_the_role_table() -> None:
+    from stockade.auth.roles import permissions_markdown
+
+    text = (DOCS / "security.md").read_text(encoding="utf-8")
+    start = text.index("<!-- roles")
+    table = text[text.index("\n", start) + 1 : text.index("<!-- /roles -->")]
+    assert table == permissions_markdown(), "regenerate with permissions_markdown()"
