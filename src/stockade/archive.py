@@ -7,6 +7,7 @@ archive: store, verify, peer (node) management and the association admission pol
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import hashlib
 import ipaddress
@@ -28,6 +29,7 @@ from stockade.audit.events import (
     NodeChanged,
     QuarantineChanged,
     QueryPerformed,
+    UserLogin,
 )
 from stockade.audit.sink import AuditSink, Exporter
 from stockade.audit.trail import AuditTrail, TrailCheck
@@ -41,6 +43,7 @@ from stockade.errors import (
     ConfigError,
     IntegrityError,
     InvalidQuery,
+    NotAuthenticated,
     NotAuthorized,
     NotFound,
     StockadeError,
@@ -71,6 +74,8 @@ class Peer:
     address: str
     node: str | None
     allow: frozenset[str]
+    #: The Stockade user of its User Identity negotiation (PS3.7 D.3.3.7), if any.
+    user: str | None = None
 
     def check(self, service: str) -> None:
         """Raise NotAuthorized unless the peer may use *service*."""
@@ -95,7 +100,7 @@ def _actor_of(peer: Peer | None, via: str) -> Actor:
     """The audit actor of a DIMSE peer, or of *via* (this process, the CLI) without one."""
     if peer is None:
         return Actor(via=via)
-    return Actor(ae_title=peer.ae_title, address=peer.address, via="dimse")
+    return Actor(ae_title=peer.ae_title, address=peer.address, user=peer.user, via="dimse")
 
 
 def local_actor() -> Actor:
@@ -246,7 +251,7 @@ class Archive:
             if receiving is not None:
                 receiving.abort()
             raise
-        origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address)
+        origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address, user=peer.user)
         return self.ingest.from_dimse(
             dataset,
             transfer_syntax,
@@ -267,7 +272,7 @@ class Archive:
         """
         if "store" not in peer.allow:
             return None
-        origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address)
+        origin = Origin(via="dimse", ae_title=peer.ae_title, address=peer.address, user=peer.user)
         return self.ingest.receive(
             transfer_syntax,
             sop_class_uid=sop_class_uid,
@@ -411,13 +416,25 @@ class Archive:
 
     # -- association admission -------------------------------------------------------------
 
-    def admit(self, calling_ae: str, called_ae: str, address: str, *, tls: bool = False) -> Peer:
+    def admit(
+        self,
+        calling_ae: str,
+        called_ae: str,
+        address: str,
+        *,
+        tls: bool = False,
+        identity: tuple[int, bytes, bytes] | None = None,
+    ) -> Peer:
         """Decide whether a DIMSE association may proceed (threat model SR-16).
 
         An unknown calling AE is admitted only while the listener is on loopback and no node
         is configured; otherwise the calling AE title and the peer's address must match a
         configured node. A node marked ``tls`` is admitted only when the association came
-        over the DICOM TLS listener (*tls*).
+        over the DICOM TLS listener (*tls*). With ``dicom_user_identity`` set, the
+        association must also carry a User Identity (PS3.7 D.3.3.7, *identity*: type,
+        primary and secondary field) naming an enabled Stockade user: a user name alone
+        (type 1, setting ``username``) or with its password as passcode (type 2, required
+        by ``passcode``); it is the peer's user in the audit trail.
 
         Raises
         ------
@@ -453,6 +470,9 @@ class Archive:
                     reason = (
                         f"calling AE {calling_ae.strip()!r} from {address} is not a configured node"
                     )
+        if peer is not None and self.settings.dicom_user_identity != "off":
+            user, reason = self._identify(identity, address)
+            peer = None if user is None else dataclasses.replace(peer, user=user)
         if peer is None:
             log.warning("association refused: %s", reason)
             self.audit(
@@ -464,6 +484,38 @@ class Archive:
             )
             raise NotAuthorized(str(reason))
         return peer
+
+    def _identify(
+        self, identity: tuple[int, bytes, bytes] | None, address: str
+    ) -> tuple[str | None, str | None]:
+        """The Stockade user of a User Identity sub-item, or None and why not."""
+        mode = self.settings.dicom_user_identity
+        if identity is None:
+            return None, f"user identity: required (dicom_user_identity = {mode})"
+        kind, primary, secondary = identity
+        if kind not in (1, 2):
+            return None, "user identity: only user name and user name + passcode are accepted"
+        if kind == 1 and mode == "passcode":
+            return None, "user identity: a passcode is required"
+        name = primary.decode("utf-8", "replace")[:64]
+        try:
+            if kind == 2:
+                password = secondary.decode("utf-8", "replace")
+                user = self.auth.check_password(name, password, address, "dimse-passcode")
+            else:
+                found = self.users.find(name)
+                if found is None or found[0].disabled:
+                    raise NotAuthenticated("unknown user")
+                user = found[0]
+        except NotAuthenticated:
+            return None, f"user identity: {name!r} was not accepted"
+        self.audit(
+            UserLogin(
+                actor=Actor(user=user.name, address=address, via="dimse"),
+                method="dimse-passcode" if kind == 2 else "dimse-username",
+            )
+        )
+        return user.name, None
 
     def refuse_connection(self, address: str, reason: str) -> None:
         """Log and audit a connection refused before its association request: a failed

@@ -109,6 +109,10 @@ def _transport(value: str) -> str | None:
     return None if value in {"tls", "udp"} else "must be tls or udp"
 
 
+def _user_identity(value: str) -> str | None:
+    return None if value in ("off", "username", "passcode") else "must be off, username or passcode"
+
+
 def _jwt_algorithms(value: str) -> str | None:
     allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"}
     names = [a.strip() for a in value.split(",") if a.strip()]
@@ -426,6 +430,16 @@ DECLARED: tuple[Declared, ...] = (
         _origins,
     ),
     Declared(
+        "dicom_user_identity",
+        str,
+        "off",
+        "User Identity negotiation (PS3.7 D.3.3.7) required of DIMSE peers: `off`; "
+        "`username` (a Stockade user name, with its password as passcode when given); "
+        "`passcode` (user name and password required). The user is recorded in the audit "
+        "trail.",
+        _user_identity,
+    ),
+    Declared(
         "session_max_age",
         int,
         12 * 3600,
@@ -579,6 +593,7 @@ class Settings:
     http_workers: int
     metadata_warm_delay: float
     http_cors_origins: str
+    dicom_user_identity: str
     session_max_age: int
     session_idle_timeout: int
     oidc_issuer: str

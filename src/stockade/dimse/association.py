@@ -25,6 +25,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
+    UserIdentityNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
@@ -101,7 +102,8 @@ class Limits:
     acse_timeout: float
 
 
-Admit = Callable[[str, str, str], Any]  # (calling AE, called AE, address) -> peer
+#: (calling AE, called AE, address, identity=(type, primary, secondary) or None) -> peer
+Admit = Callable[..., Any]
 
 
 class Link:
@@ -438,10 +440,24 @@ class Association(Link):
         if full:
             self.reject(0x02, 0x03, 0x02)  # transient, provider (presentation), local limit
             raise _Closed("too many associations (max_associations or max_associations_per_peer)")
+        identity = None
+        identity_response = None
+        for item in request.user_information:
+            if isinstance(item, UserIdentityNegotiation):  # PS3.7 D.3.3.7
+                identity = (
+                    int(item.user_identity_type or 0),
+                    bytes(item.primary_field or b"")[:1024],
+                    bytes(item.secondary_field or b"")[:1024],
+                )
+                if item.positive_response_requested:
+                    identity_response = UserIdentityNegotiation()
+                    identity_response.server_response = b""
         try:
-            peer = admit(calling, called, self.address)
+            peer = admit(calling, called, self.address, identity=identity)
         except NotAuthorized as exc:
             diagnostic = 0x07 if exc.reason.startswith("called AE") else 0x03
+            if exc.reason.startswith("user identity"):
+                diagnostic = 0x01  # no reason given: PS3.8 has none for identities
             self.reject(0x01, 0x01, diagnostic)
             raise _Closed(exc.reason) from None
 
@@ -466,6 +482,8 @@ class Association(Link):
         reply.result_source = 0x01
         reply.presentation_context_definition_results_list = results
         reply.user_information = [*user_information(self.limits.max_pdu), *role_items]
+        if identity_response is not None and getattr(peer, "user", None):
+            reply.user_information.append(identity_response)
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(reply)
         self._send(ac.encode())
