@@ -271,9 +271,10 @@ class StockadeServer:
             result = echoscu(self.port)
             if result.returncode == 0:
                 return
-            if "Association Rejected" in result.stdout and self.settings.get(
-                "STOCKADE_DICOM_USER_IDENTITY", "off"
-            ) != "off":
+            if (
+                "Association Rejected" in result.stdout
+                and self.settings.get("STOCKADE_DICOM_USER_IDENTITY", "off") != "off"
+            ):
                 return  # it answers, and refuses an echo without a user identity
             last = result.stdout
             time.sleep(0.1)  # readiness polling only
