@@ -99,12 +99,15 @@ def serve(settings: Settings, config_file: Path | None) -> int:
     archive = build_archive(settings)
     try:
         archive.prepare()
-        bootstrap(archive.accounts, settings.data_dir)  # the first start: an admin, no default
+        # Secure start (threat model SR-3, SR-4, SR-6): nothing is bound for a set-up that
+        # would expose the archive (beyond loopback without TLS or without any user), or
+        # with a certificate that cannot be served.
+        secure_start(settings)
+        # The first start on loopback: an administrator with a one-time password, never a
+        # default one (beyond loopback, a user must exist before the first start).
+        bootstrap(archive.accounts, settings.data_dir)
     finally:
         archive.close()
-    # Secure start (threat model SR-3, SR-4, SR-6): nothing is bound for a set-up that
-    # would expose the archive, or with a certificate that cannot be served.
-    secure_start(settings)
     http = None
     if settings.http_enabled:
         http = bind(settings.http_host, settings.http_port)

@@ -104,8 +104,8 @@ def secure_start(settings: Settings, has_users: Callable[[], bool] | None = None
         if not (has_users or (lambda: archive_has_users(settings)))():
             raise ConfigError(
                 f"http_host {settings.http_host} is not a loopback address and no user "
-                "exists, so anyone who reaches the port could use it: create a user first, "
-                "or set http_host = 127.0.0.1"
+                "exists, so anyone who reaches the port could use it: create a user first "
+                "(stockade user add NAME --role admin), or set http_host = 127.0.0.1"
             )
     if settings.dicom_tls:
         dicom_server_context(settings)
