@@ -382,6 +382,8 @@ class StockadeServer:
     # DICOMweb clients, authenticated as an administrator by a bearer token
 
     _token: str | None = None
+    #: Passwords and tokens made for this server (none may reach a log or the database).
+    secrets: list[str] = field(default_factory=list)
 
     def user(self, name: str, role: str, password: str | None = None) -> str:
         """Create a user with ``stockade user add`` (a random password unless given); return
@@ -393,7 +395,17 @@ class StockadeServer:
         assert made.returncode == 0, made.stderr
         token = self.cli("token", "create", name, "--expires", "1d")
         assert token.returncode == 0, token.stderr
+        self.secrets += [password, token.stdout.strip()]
         return token.stdout.strip()
+
+    def assert_no_secret_written(self) -> None:
+        """No password or token this harness made is in the server's logs or its index
+        database files (threat model SR-7): checked when each test's servers end."""
+        places = [*self.root.glob("server-*.log"), *self.data_dir.glob("index.sqlite3*")]
+        for path in places:
+            data = path.read_bytes()
+            for secret in self.secrets:
+                assert secret.encode() not in data, f"a password or token is in {path.name}"
 
     @property
     def token(self) -> str:
@@ -535,6 +547,8 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., StockadeServer]]:
         if server.proc is not None:
             with contextlib.suppress(Exception):
                 server.kill()
+    for server in servers:
+        server.assert_no_secret_written()
 
 
 # -- checks ----------------------------------------------------------------------------------
