@@ -84,7 +84,7 @@ def test_records_chain_from_genesis(trail_archive: Archive) -> None:
         assert row.prev_hash == prev and row.hash == chain_hash(prev, row.record)
         prev = row.hash
     assert trail.verify().ok and trail.verify().checked == 3
-    assert trail.head_path.read_text().split() == ["3", prev]
+    assert trail.head_path.read_text().split() == [f"{3:020d}", prev]
     assert oct(trail.head_path.stat().st_mode & 0o777) == "0o600"
 
 

@@ -27,6 +27,7 @@ lost on the way, or sent while nothing listens, is not sent again.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -121,15 +122,37 @@ class TlsTransport:
         self._sock = sock
         return sock
 
-    @staticmethod
-    def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
-        """True when the collector closed (or reset) the connection: it never sends
-        anything on it (RFC 5425 4.3), so anything readable is the end."""
+    def _closed_by_peer(self, sock: ssl.SSLSocket) -> bool:
+        """True when the collector closed (or reset) the connection.
+
+        A collector sends no syslog data (RFC 5425 4.3), but a TLS 1.3 server does send
+        records after the handshake (session tickets): what is readable is read here, so
+        that only an end of stream or an error counts, and so that closing the socket
+        never finds unread data (which would make the kernel reset the connection and the
+        collector lose what it had not read yet).
+        """
         try:
             readable, _, _ = select.select([sock], [], [], 0)
         except (OSError, ValueError):
             return True
-        return bool(readable)
+        if not readable:
+            return False
+        return self._drain(sock)
+
+    def _drain(self, sock: ssl.SSLSocket) -> bool:
+        """Read what the collector sent; True if the connection ended."""
+        sock.setblocking(False)
+        try:
+            while True:
+                if not sock.recv(4096):
+                    return True
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return False  # TLS records only (or nothing): still open
+        except (OSError, ssl.SSLError):
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(self.timeout)
 
     def send(self, message: bytes) -> None:
         """Send ``MSG-LEN SP SYSLOG-MSG`` (RFC 5425 4.3)."""
@@ -143,11 +166,15 @@ class TlsTransport:
     def close(self) -> None:
         """Close the connection (a TLS close_notify first, when possible)."""
         sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        if sock is None:
+            return
+        # Unread data at close makes the kernel send a reset, which can discard what the
+        # collector has not read yet: drain first, then end the stream with a FIN.
+        if not self._drain(sock):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 class UdpTransport:

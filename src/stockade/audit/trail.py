@@ -26,6 +26,7 @@ who can write to this machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -124,6 +125,17 @@ def subjects(record: dict[str, Any]) -> set[tuple[str, str]]:
     return found
 
 
+def _parse_head(raw: bytes) -> tuple[int, str] | None:
+    """``(seq, hash)`` from the chain head file's content, or None."""
+    try:
+        fields = raw.decode("ascii").split()
+    except UnicodeDecodeError:
+        return None
+    if len(fields) != 2 or not fields[0].isdigit() or len(fields[1]) != 64:
+        return None
+    return int(fields[0]), fields[1]
+
+
 def utc_text(when: datetime | date | str) -> str:
     """An instant as records write it (UTC, ISO 8601, milliseconds), for comparisons.
 
@@ -187,6 +199,7 @@ class AuditTrail:
         self._queue_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._failing = False
+        self._head_fd = -1
 
     # -- appending -------------------------------------------------------------------------
 
@@ -263,30 +276,25 @@ class AuditTrail:
         return seq, prev
 
     def _note_head(self, seq: int, digest: str) -> None:
-        """Record the chain head outside the database (only ever forwards; a head that
-        lags after a race between processes is harmless, one ahead is never written)."""
-        current = self._read_head()
-        if current is not None and current[0] >= seq:
-            return
-        tmp = self.folder / f".chain-head.{os.getpid()}.{threading.get_ident()}.tmp"
+        """Record the chain head outside the database: overwritten in place (one
+        fixed-width write, no file created or renamed per append), and only ever forwards
+        (a head that lags after a race between processes is harmless; one ahead of the
+        database is never written, as this runs after the commit)."""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, f"{seq} {digest}\n".encode("ascii"))
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.head_path)
+            if self._head_fd < 0:
+                self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o600)
+            current = _parse_head(os.pread(self._head_fd, 128, 0))
+            if current is not None and current[0] >= seq:
+                return
+            os.pwrite(self._head_fd, f"{seq:020d} {digest}\n".encode("ascii"), 0)
         except OSError as exc:
             log.warning("audit trail: chain head not saved: %s", exc.strerror)
 
     def _read_head(self) -> tuple[int, str] | None:
         try:
-            text = self.head_path.read_text(encoding="ascii").split()
-        except (OSError, UnicodeDecodeError):
+            return _parse_head(self.head_path.read_bytes()[:128])
+        except OSError:
             return None
-        if len(text) != 2 or not text[0].isdigit() or len(text[1]) != 64:
-            return None
-        return int(text[0]), text[1]
 
     def close(self) -> None:
         """Write what is still queued; save what cannot be written to a file."""
@@ -294,6 +302,11 @@ class AuditTrail:
             self._flush()
             with self._queue_lock:
                 left, self._queue = self._queue, []
+            if self._head_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.fsync(self._head_fd)
+                os.close(self._head_fd)
+                self._head_fd = -1
         if not left:
             return
         path = self.folder / f"unwritten-{os.getpid()}-{int(time.time())}.jsonl"
