@@ -424,13 +424,16 @@ class Archive:
         *,
         tls: bool = False,
         identity: tuple[int, bytes, bytes] | None = None,
+        cert_sha256: str | None = None,
     ) -> Peer:
         """Decide whether a DIMSE association may proceed (threat model SR-16).
 
         An unknown calling AE is admitted only while the listener is on loopback and no node
         is configured; otherwise the calling AE title and the peer's address must match a
         configured node. A node marked ``tls`` is admitted only when the association came
-        over the DICOM TLS listener (*tls*). With ``dicom_user_identity`` set, the
+        over the DICOM TLS listener (*tls*), and a node with a certificate fingerprint only
+        when the client certificate presented in the handshake (*cert_sha256*) is that
+        one. With ``dicom_user_identity`` set, the
         association must also carry a User Identity (PS3.7 D.3.3.7, *identity*: type,
         primary and secondary field) naming an enabled Stockade user: a user name alone
         (type 1, setting ``username``) or with its password as passcode (type 2, required
@@ -462,6 +465,11 @@ class Archive:
                             reason = (
                                 f"node {node.name} must use DICOM TLS (port "
                                 f"{self.settings.dicom_tls_port}), not plain DIMSE"
+                            )
+                        elif node.cert_sha256 and node.cert_sha256 != cert_sha256:
+                            reason = (
+                                f"node {node.name} presented another client certificate "
+                                "than the one bound to its AE title"
                             )
                         else:
                             peer = Peer(calling_ae.strip(), address, node.name, node.allow)
@@ -541,9 +549,11 @@ class Archive:
         allow: frozenset[str],
         *,
         tls: bool = False,
+        cert_sha256: str | None = None,
         actor: Actor | None = None,
     ) -> Node:
-        """Configure a DICOM peer (*tls*: it talks DICOM TLS, PS3.15 Annex B)."""
+        """Configure a DICOM peer (*tls*: it talks DICOM TLS, PS3.15 Annex B; *cert_sha256*:
+        the SHA-256 of the client certificate it must present, binding it to the AE)."""
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError("node name must be 1 to 64 letters, digits, '-' or '_'")
         problem = ae_title_problem(ae_title)
@@ -556,7 +566,13 @@ class Archive:
         unknown = allow - SERVICES
         if unknown:
             raise ConfigError(f"unknown service(s) {sorted(unknown)}; use {sorted(SERVICES)}")
-        node = Node(name, ae_title, host, port, allow, tls)
+        if cert_sha256 is not None:
+            cert_sha256 = cert_sha256.replace(":", "").strip().lower()
+            if len(cert_sha256) != 64 or any(c not in "0123456789abcdef" for c in cert_sha256):
+                raise ConfigError("a certificate fingerprint is 64 hexadecimal digits (SHA-256)")
+            if not tls:
+                raise ConfigError("a certificate fingerprint needs a DICOM TLS node (--tls)")
+        node = Node(name, ae_title, host, port, allow, tls, cert_sha256)
         self.index.add_node(node)
         self.audit(NodeChanged(actor=actor or local_actor(), name=name, action="add"))
         return node

@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the peer talks DICOM TLS: connect to it with TLS, admit it over TLS only",
     )
+    add.add_argument(
+        "--cert-sha256",
+        metavar="HEX",
+        help="SHA-256 of the client certificate the peer must present (needs --tls): binds "
+        "that certificate to its AE title",
+    )
     node_sub.add_parser("list", help="list peers")
     rm = node_sub.add_parser("remove", help="remove a peer")
     rm.add_argument("name")
@@ -237,7 +243,15 @@ def _verify(archive: Archive) -> int:
 def _node(archive: Archive, args: argparse.Namespace) -> int:
     if args.node_command == "add":
         allow = frozenset(a.strip() for a in args.allow.split(",") if a.strip())
-        node = archive.add_node(args.name, args.ae, args.host, args.port, allow, tls=args.tls)
+        node = archive.add_node(
+            args.name,
+            args.ae,
+            args.host,
+            args.port,
+            allow,
+            tls=args.tls,
+            cert_sha256=args.cert_sha256,
+        )
         out.print(
             f"added node {node.name}: {node.ae_title} at {node.host}:{node.port} "
             f"allowed {','.join(sorted(node.allow)) or 'nothing'}"

@@ -419,3 +419,39 @@ def test_plain_dimse_beyond_loopback_refuses_to_start(tmp_path: Path) -> None:
     assert any(
         f["severity"] == "critical" and f["setting"] == "dicom_plain" for f in report["findings"]
     )
+
+
+def test_a_node_bound_to_its_client_certificate(
+    make_server: Callable[..., StockadeServer],
+) -> None:
+    server = tls_server(make_server, mutual=True)
+    for name in ("modality", "other"):
+        assert server.cli("certs", "client", name).returncode == 0
+    folder = tls_dir(server)
+    pem = (folder / "client-modality.pem").read_bytes()
+    fingerprint = x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
+    server.start()  # before the node exists (the start-up echo comes from an unknown AE)
+    added = server.cli(
+        "node", "add", "ct1", "--ae", "TLSSCU", "--host", HOST, "--port", "104",
+        "--allow", "echo", "--tls", "--cert-sha256", fingerprint.upper(),
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    own = echo_tls(
+        server, "+tls", str(folder / "client-modality-key.pem"), str(folder / "client-modality.pem")
+    )
+    assert own.returncode == 0, own.stdout
+    before = len(rejections(server))
+    # another certificate of the same CA: the handshake succeeds, the association does not
+    other = echo_tls(
+        server, "+tls", str(folder / "client-other-key.pem"), str(folder / "client-other.pem")
+    )
+    assert other.returncode != 0 and "Association Rejected" in other.stdout, other.stdout
+    assert rejections(server)[before:] == [
+        "node ct1 presented another client certificate than the one bound to its AE title"
+    ]
+    bad = server.cli(
+        "node", "add", "ct2", "--ae", "CT2", "--host", HOST, "--port", "104",
+        "--cert-sha256", "00" * 32,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "needs a DICOM TLS node" in bad.stderr
+    assert server.stop() == 0

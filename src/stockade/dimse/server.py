@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import logging
 import socket
 import ssl
@@ -207,7 +208,13 @@ class DimseServer:
             if wrapped is None:
                 return
             conn = wrapped
-        admit = functools.partial(self.archive.admit, tls=context is not None)
+        fingerprint = None
+        if isinstance(conn, ssl.SSLSocket):
+            der = conn.getpeercert(binary_form=True)
+            fingerprint = hashlib.sha256(der).hexdigest() if der else None
+        admit = functools.partial(
+            self.archive.admit, tls=context is not None, cert_sha256=fingerprint
+        )
         assoc = Association(conn, address, self.settings.dicom_ae_title, self.contexts, self.limits)
         try:
             peer = assoc.negotiate(admit, full)

@@ -96,6 +96,9 @@ class Node:
     #: The peer talks DICOM TLS (PS3.15 Annex B, BCP 195 RFC 8996 profile): connections to
     #: it use TLS, and its associations are admitted over the TLS listener only.
     tls: bool = False
+    #: SHA-256 (hex) of the client certificate the peer must present over DICOM TLS, which
+    #: binds that certificate to its AE title; None: any certificate the CA signed.
+    cert_sha256: str | None = None
 
 
 class Index(Protocol):

@@ -122,6 +122,7 @@ nodes = Table(
     # The peer talks DICOM TLS: Stockade connects to it with TLS and admits it only over
     # the TLS listener (migration 0005).
     Column("tls", Boolean, nullable=False, server_default=false()),
+    Column("cert_sha256", String(64)),
 )
 
 blob_deletions = Table(

@@ -538,6 +538,7 @@ class SqlIndex:
                         port=node.port,
                         allow=",".join(sorted(node.allow)),
                         tls=node.tls,
+                        cert_sha256=node.cert_sha256,
                         created_at=_now(),
                     )
                 )
@@ -560,6 +561,7 @@ class SqlIndex:
                     nodes.c.port,
                     nodes.c.allow,
                     nodes.c.tls,
+                    nodes.c.cert_sha256,
                 ).order_by(nodes.c.name)
             )
             return [
@@ -570,6 +572,7 @@ class SqlIndex:
                     r.port,
                     frozenset(a for a in r.allow.split(",") if a),
                     bool(r.tls),
+                    r.cert_sha256,
                 )
                 for r in rows
             ]
