@@ -68,18 +68,49 @@ def test_polyglot_preambles_are_quarantined(
     assert alert.study_uid == ds.StudyInstanceUID and alert.patient_id == "PID-1"
 
 
+def _stow(archive: Archive, data: bytes) -> None:
+    """Post one Part 10 file with STOW-RS; raise Quarantined as ingest would (the failure
+    reason C004 and the text of the response carry it)."""
+    from starlette.testclient import TestClient
+
+    from stockade.web.app import create_app
+    from tests.conftest import authed
+
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b--\r\n"
+    client = authed(TestClient(create_app(archive)), archive)
+    response = client.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+    )
+    assert response.status_code == 409, response.text
+    failed = response.json()["00081198"]["Value"][0]
+    assert failed["00081197"]["Value"] == [0xC004]
+    raise Quarantined(failed["00091001"]["Value"][0])
+
+
+@pytest.mark.parametrize("name", sorted(polyglots.PREAMBLES))
+def test_polyglot_preambles_are_quarantined_by_stow(archive: Archive, name: str) -> None:
+    data = part10(make_dataset(), preamble=polyglots.PREAMBLES[name])
+    with pytest.raises(Quarantined, match=polyglots.PREAMBLE_KIND[name]):
+        _stow(archive, data)
+    assert archive.counts()["instances"] == 0
+    [entry] = archive.quarantined()
+    assert entry.via == "web" and archive.ingest.quarantine.read(entry.id) == data
+
+
 @pytest.mark.parametrize("name", sorted(polyglots.DATASET_PAYLOADS))
-@pytest.mark.parametrize("transport", ["import", "dimse"])
+@pytest.mark.parametrize("transport", ["import", "dimse", "web"])
 def test_hidden_payloads_are_quarantined(
     archive: Archive, audit: MemoryAuditSink, name: str, transport: str
 ) -> None:
     build, kind = polyglots.DATASET_PAYLOADS[name]
     ds, raw = build()
-    store: Callable[[], object] = (
-        (lambda: archive.store_file(polyglots.as_file(ds, raw), IMPORT))
-        if transport == "import"
-        else (lambda: _dimse(archive, ds, raw))
-    )
+    store: Callable[[], object] = {
+        "import": lambda: archive.store_file(polyglots.as_file(ds, raw), IMPORT),
+        "dimse": lambda: _dimse(archive, ds, raw),
+        "web": lambda: _stow(archive, polyglots.as_file(ds, raw)),
+    }[transport]
     with pytest.raises(Quarantined, match=kind):
         store()
     assert archive.counts()["instances"] == 0
