@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -165,9 +166,15 @@ def local_ca(server: StockadeServer) -> tuple[x509.Certificate, ec.EllipticCurve
     return cert, key
 
 
-def rejections(server: StockadeServer) -> list[str]:
-    """Reasons of the AssociationRejected audit records so far."""
-    return [r["reason"] for r in server.audit() if r["type"] == "AssociationRejected"]
+def rejections(server: StockadeServer, at_least: int = 0) -> list[str]:
+    """Reasons of the AssociationRejected audit records so far; waits (bounded) until there
+    are *at_least* (a client sees its handshake fail before the server has audited it)."""
+    deadline = time.monotonic() + 20
+    while True:
+        found = [r["reason"] for r in server.audit() if r["type"] == "AssociationRejected"]
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def python_client(
@@ -243,7 +250,7 @@ def test_echoscu_and_storescu_over_mutual_tls(
     anonymous = echo_tls(server, "+tla")
     assert anonymous.returncode != 0, anonymous.stdout
     assert "Received Echo Response" not in anonymous.stdout
-    reasons = rejections(server)[before:]
+    reasons = rejections(server, before + 1)[before:]
     assert len(reasons) == 1 and reasons[0].startswith("TLS handshake failed"), reasons
     assert server.stop() == 0
 
@@ -260,7 +267,7 @@ def test_expired_and_unknown_client_certificates_are_refused(
         refused = echo_tls(server, "+tls", str(key), str(cert))
         assert refused.returncode != 0, refused.stdout
         assert "Received Echo Response" not in refused.stdout
-    reasons = rejections(server)
+    reasons = rejections(server, 2)
     assert len(reasons) == 2, reasons
     assert "certificate has expired" in reasons[0]
     assert "unable to get local issuer certificate" in reasons[1]
@@ -446,7 +453,7 @@ def test_a_node_bound_to_its_client_certificate(
         server, "+tls", str(folder / "client-other-key.pem"), str(folder / "client-other.pem")
     )
     assert other.returncode != 0 and "Association Rejected" in other.stdout, other.stdout
-    assert rejections(server)[before:] == [
+    assert rejections(server, before + 1)[before:] == [
         "node ct1 presented another client certificate than the one bound to its AE title"
     ]
     bad = server.cli(
