@@ -67,7 +67,15 @@ class Rig:
         return fresh
 
     def one(self, event_type: str) -> dict[str, Any]:
-        """The only record of *event_type* among the new ones (and nothing unexpected)."""
+        """The only record of *event_type* among the new ones (and nothing unexpected).
+
+        Waits (bounded) for it: a record may land just after the client has its answer
+        (a WADO-RS retrieve is recorded once its stream has ended)."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+            r["type"] == event_type for r in self.server.audit()[self.seen :]
+        ):
+            time.sleep(0.05)
         fresh = self.new_records()
         found = [r for r in fresh if r["type"] == event_type]
         assert len(found) == 1, [r["type"] for r in fresh]
