@@ -13,8 +13,9 @@ advisory lock), reads the last record and adds its own after it, so the chain st
 
 Appends are group commits, like the index's: :meth:`AuditTrail.emit` queues the record and
 the thread that gets the append lock writes every record its process has queued in one
-transaction, so a record is committed before the operation it describes answers, and
-concurrent operations share one commit. If the database fails, records stay queued and go
+transaction, so a record is committed before the operation it describes answers (a
+streamed retrieve is recorded when its stream ends), and concurrent operations share one
+commit. If the database fails, records stay queued and go
 with the next append; those still unwritten at close are saved as JSON lines
 (``unwritten-<pid>-<time>.jsonl``, 0600) beside the trail and logged.
 
