@@ -63,3 +63,15 @@ def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
     cfg.write_text("dicom_prot = 1\n")
     with pytest.raises(ConfigError, match="unknown setting 'dicom_prot'"):
         load(cfg, environ={})
+
+
+def test_printed_settings_hide_the_database_password() -> None:
+    from stockade.settings import load
+
+    secret = "pw-" + "x7" * 8
+    settings = load(
+        environ={}, overrides={"database_url": f"postgresql+psycopg://stockade:{secret}@db/pacs"}
+    )
+    shown = settings.as_dict()["database_url"]
+    assert secret not in shown and shown == "postgresql+psycopg://stockade:***@db/pacs"
+    assert settings.database_url.endswith(f"{secret}@db/pacs")  # the value itself is intact

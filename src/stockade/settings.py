@@ -647,8 +647,24 @@ class Settings:
         return is_loopback(self.dicom_host)
 
     def as_dict(self) -> dict[str, Any]:
-        """Setting values by name (for logs: none of them is a secret yet)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Setting values by name, safe to print or log: a password in ``database_url`` is
+        replaced by ``***`` (secrets never reach a log or a terminal, SR-7)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["database_url"] = redact_url(self.database_url)
+        return values
+
+
+def redact_url(url: str) -> str:
+    """*url* with the password of its user part replaced by ``***``."""
+    if not url:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a valid URL)"
 
 
 def is_loopback(host: str) -> bool:
