@@ -34,7 +34,10 @@ def require_tool(name: str) -> str:
     """Return the path of a command-line tool, or skip the test (a failure in CI)."""
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed (apt-get install dcmtk dicom3tools orthanc)")
+        pytest.skip(
+            f"{name} is not installed "
+            "(apt-get install dcmtk dicom3tools orthanc chromium chromium-driver)"
+        )
     return path
 
 

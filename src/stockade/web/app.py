@@ -31,6 +31,7 @@ from stockade.dicom.uids import uid_problem
 from stockade.errors import InvalidQuery, NotAuthenticated, StockadeError
 from stockade.query import Scope as ViewScope
 from stockade.settings import cors_origins
+from stockade.web.ui import CONTENT_SECURITY_POLICY
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -174,7 +175,18 @@ class SecurityHeaders:
                     for k, v in message.get("headers", [])
                     if k.lower() not in {name for name, _ in added}
                 ]
-                message["headers"] = headers + added
+                html = any(
+                    k.lower() == b"content-type" and v.lower().startswith(b"text/html")
+                    for k, v in headers
+                )
+                extra = added
+                if html:  # a page: its own policy (scripts and styles of this origin only)
+                    extra = [h for h in added if h[0] != b"content-security-policy"] + [
+                        (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+                        (b"x-frame-options", b"DENY"),
+                    ]
+                    extra = list({k: (k, v) for k, v in extra}.values())
+                message["headers"] = headers + extra
             await send(message)
 
         await self.app(scope, receive, with_headers)
@@ -230,13 +242,14 @@ def create_app(archive: Archive) -> Starlette:
     async def options(_request: Request) -> Response:
         return Response(document, media_type="application/json", headers={"Allow": "OPTIONS, GET"})
 
-    from stockade.web import auth
+    from stockade.web import auth, ui
 
     app = Starlette(
         routes=[
             Route(BASE, options, methods=["OPTIONS", "GET"]),
             Mount(BASE, routes=routes),
             *auth.ROUTES,
+            *ui.ROUTES,
         ],
         exception_handlers=handlers,
     )

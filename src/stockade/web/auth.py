@@ -29,7 +29,7 @@ from urllib.parse import parse_qs
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,6 +37,7 @@ from stockade.auth.roles import Permission
 from stockade.auth.service import Principal, require
 from stockade.errors import InvalidQuery, NotAuthenticated, StockadeError
 from stockade.settings import is_loopback
+from stockade.web import ui
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -91,7 +92,13 @@ class Authenticate:
         self.base = base
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if (
+            scope["type"] != "http"
+            or path in PUBLIC
+            or path in ui.PUBLIC_PATHS
+            or path.startswith(ui.PUBLIC_PREFIXES)
+        ):
             await self.app(scope, receive, send)
             return
         request = Request(scope)
@@ -109,6 +116,8 @@ class Authenticate:
             from stockade.web.app import problem
 
             response = await problem(request, exc)
+            if exc.http_status == 401 and path.startswith("/ui/"):
+                response = _to_login()  # a page of the web application: 401, with a way on
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
@@ -144,6 +153,17 @@ class Authenticate:
             "authentication required: a bearer token, a session (POST /auth/login), or "
             "HTTP Basic over HTTPS"
         )
+
+
+def _to_login() -> Response:
+    """401 for a page of the web application, as a page that goes on to the login."""
+    body = (
+        '<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; '
+        'url=/ui/login"><title>Sign in</title><a href="/ui/login">Sign in</a>'
+    )
+    return HTMLResponse(
+        body, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="Stockade"'}
+    )
 
 
 async def _json(request: Request) -> dict[str, Any]:

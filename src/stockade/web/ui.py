@@ -1,0 +1,59 @@
+"""The web application's pages (the browser side of Stockade): login and the study list.
+
+Plain HTML, CSS and JavaScript modules served from ``web/static``, no inline script and no
+framework. Every HTML response carries :data:`CONTENT_SECURITY_POLICY` (added by the
+security headers middleware to any ``text/html`` answer); pages insert DICOM values as text
+only (``textContent``), never as HTML (threat model SR-10). Data comes from DICOMweb with
+the session cookie of ``/auth/login``, so the caller's role and scope apply as they do for
+any client.
+
+Routes: ``/`` (redirects to the study list), ``/ui/login`` and ``/ui/static/...`` (public:
+they hold no patient data), ``/ui/`` (the study list; authenticated like every other route).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+STATIC = Path(__file__).resolve().parent / "static"
+#: The policy of every HTML page: scripts, styles and connections from this origin only,
+#: images also from blob: (rendered frames), nothing inline, no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+#: Paths reachable without credentials (no patient data behind them).
+PUBLIC_PREFIXES = ("/ui/static/",)
+PUBLIC_PATHS = frozenset({"/ui/login", "/"})
+
+
+def _page(name: str) -> Response:
+    return FileResponse(STATIC / name, media_type="text/html; charset=utf-8")
+
+
+async def root(_request: Request) -> Response:
+    """``/``: to the study list (which sends an unauthenticated browser to the login)."""
+    return RedirectResponse("/ui/", status_code=303)
+
+
+async def login_page(_request: Request) -> Response:
+    """``/ui/login``: sign in, and change the password when it must be changed."""
+    return _page("login.html")
+
+
+async def studies_page(_request: Request) -> Response:
+    """``/ui/``: the study list."""
+    return _page("studies.html")
+
+
+ROUTES = [
+    Route("/", root, methods=["GET"]),
+    Route("/ui/login", login_page, methods=["GET"]),
+    Route("/ui/", studies_page, methods=["GET"]),
+    Mount("/ui/static", app=StaticFiles(directory=STATIC), name="static"),
+]
