@@ -124,6 +124,31 @@ def _user(row: Any) -> User:
     )
 
 
+#: Token columns, labelled apart from the user's (both tables have ``id`` and dates).
+_TOKEN_COLUMNS = (
+    tokens.c.id.label("token_id"),
+    tokens.c.kind,
+    tokens.c.label,
+    tokens.c.created_at.label("token_created_at"),
+    tokens.c.expires_at,
+    tokens.c.last_used_at,
+    tokens.c.revoked_at,
+)
+
+
+def _token_of(row: Any, user: str) -> Token:
+    return Token(
+        id=row.token_id,
+        user=user,
+        kind=row.kind,
+        label=row.label,
+        created_at=_aware(row.token_created_at) or datetime.now(UTC),
+        expires_at=_aware(row.expires_at) or datetime.now(UTC),
+        last_used_at=_aware(row.last_used_at),
+        revoked_at=_aware(row.revoked_at),
+    )
+
+
 class UserStore:
     """Users, tokens and sessions on the index's database engine."""
 
@@ -290,36 +315,27 @@ class UserStore:
     def _token(self, pk: int) -> Token:
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(tokens, users.c.name)
+                select(*_TOKEN_COLUMNS, users.c.name)
                 .join(users, users.c.id == tokens.c.user_pk)
                 .where(tokens.c.id == pk)
             ).one()
-        return Token(
-            id=row.id,
-            user=row.name,
-            kind=row.kind,
-            label=row.label,
-            created_at=_aware(row.created_at) or datetime.now(UTC),
-            expires_at=_aware(row.expires_at) or datetime.now(UTC),
-            last_used_at=_aware(row.last_used_at),
-            revoked_at=_aware(row.revoked_at),
-        )
+        return _token_of(row, row.name)
 
     def resolve(self, secret: str, kind: str) -> tuple[User, Token, str | None] | None:
         """The user, token and CSRF digest of a live secret of *kind*, or None (unknown,
-        revoked, expired, or its user disabled)."""
+        revoked, expired, or its user disabled). One query: this runs on every request."""
         if len(secret) > 256:
             return None
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(tokens.c.id, tokens.c.csrf_digest, users)
+                select(*_TOKEN_COLUMNS, tokens.c.csrf_digest, users)
                 .join(users, users.c.id == tokens.c.user_pk)
                 .where(tokens.c.digest == digest(secret), tokens.c.kind == kind)
             ).first()
-            if row is None:
-                return None
-        token = self._token(row.id)
+        if row is None:
+            return None
         user = _user(row)
+        token = _token_of(row, user.name)
         if token.revoked_at or token.expires_at <= datetime.now(UTC) or user.disabled:
             return None
         return user, token, row.csrf_digest

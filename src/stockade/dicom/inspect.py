@@ -378,9 +378,9 @@ class Inspector:
         if xml_entities(value):
             self._add(Kind.XML_ENTITY, where, "XML document declares entities or an external DTD")
             return
-        found = executable_at(value) or (embedded_executable(value) or (0, None))[1]
-        if found:
-            self._add(Kind.EXECUTABLE_PAYLOAD, where, f"{found} in the encapsulated document")
+        hit = payload(value, anywhere=True)
+        if hit and hit[0] is Kind.EXECUTABLE_PAYLOAD:
+            self._add(Kind.EXECUTABLE_PAYLOAD, where, f"{hit[1]} (an encapsulated document)")
 
     # results ------------------------------------------------------------------------------
 
