@@ -75,8 +75,7 @@ def scan(settings: Settings, args: argparse.Namespace) -> int:
                 progress.advance(task)
                 last = top
             if isinstance(item, StockadeError):
-                report = FileReport(label, "malformed", error=item.reason)
-                scanner.tally["malformed"] += 1
+                report = scanner.unreadable(label, item.reason)
             else:
                 report = scanner.scan(label, item)
             _print(report, as_json=args.json)

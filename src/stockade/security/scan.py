@@ -113,6 +113,12 @@ class Scanner:
             self.kinds[finding.kind.value] += 1
         return report
 
+    def unreadable(self, label: str, reason: str) -> FileReport:
+        """Count a file that could not even be read (a broken ZIP entry, a file over the
+        size limit) as malformed."""
+        self.tally["malformed"] += 1
+        return FileReport(label, "malformed", error=reason)
+
     def _scan(self, label: str, data: Buffer) -> FileReport:
         if len(data) < 132 or bytes(data[128:132]) != PREFIX:
             return FileReport(label, "not-dicom", error="no DICM prefix (not a Part 10 file)")
