@@ -754,3 +754,6 @@ def raw_associate(
     pdu_type, _ = recv_pdu(sock)
     assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type:#04x})"
     return sock
+
+
+from .browser import browser  # noqa: E402, F401  (the fixture of the browser tests)

@@ -4,70 +4,19 @@ model SR-10). Screenshots are kept in ``test-artifacts/ui/`` for a person to loo
 
 from __future__ import annotations
 
-import os
 import secrets
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pydicom
 import pytest
 
-from tests.conftest import require_tool
-from tests.dicomfactory import make_dataset, part10
+from tests.dicomfactory import make_dataset
 
+from .browser import shot, stow
 from .conftest import StockadeServer
 
 XSS_NAME = "<img src=x onerror=alert(1)>"
 XSS_TEXT = "</script><script>alert(1)</script>"
-ARTIFACTS = Path(os.environ.get("STOCKADE_TEST_ARTIFACTS", "test-artifacts")) / "ui"
-
-
-@pytest.fixture
-def browser() -> Iterator[object]:
-    require_tool("chromium")
-    require_tool("chromedriver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,800",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _stow(server: StockadeServer, *datasets: pydicom.Dataset) -> None:
-    body = (
-        b"".join(
-            b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part10(ds) + b"\r\n"
-            for ds in datasets
-        )
-        + b"--b--\r\n"
-    )
-    answer = server.post(
-        f"{server.dicomweb}/studies",
-        content=body,
-        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
-        timeout=60,
-    )
-    assert answer.status_code == 200, answer.text
-
-
-def _shot(driver: object, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    driver.save_screenshot(str(path))  # type: ignore[attr-defined]
-    assert path.stat().st_size > 1000
-    return path
 
 
 def test_sign_in_search_and_hostile_text_shown_literally(
@@ -87,7 +36,7 @@ def test_sign_in_search_and_hostile_text_shown_literally(
     )
     hostile.SeriesDescription = XSS_TEXT
     plain = [make_dataset(PatientName=f"DOE^PATIENT{i}", PatientID=f"P{i:03d}") for i in range(30)]
-    _stow(server, hostile, *plain)
+    stow(server, hostile, *plain)
     base = server.dicomweb.removesuffix("/dicomweb")
     for page in ("/ui/login", "/ui/static/login.js"):
         answer = server.get(base + page)
@@ -107,13 +56,13 @@ def test_sign_in_search_and_hostile_text_shown_literally(
     wait.until(lambda d: "wrong user name or password" in d.find_element(By.ID, "message").text)
     find(By.ID, "password").clear()
     find(By.ID, "password").send_keys(password)
-    _shot(driver, "01-login")
+    shot(driver, "01-login")
     find(By.ID, "sign-in").click()
     wait.until(lambda d: d.current_url.endswith("/ui/"))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#studies tbody tr")) == 25)
     assert find(By.ID, "who").text == "rad1 (radiologist)"
     assert find(By.ID, "page").text == "studies 1-25"
-    _shot(driver, "02-study-list")
+    shot(driver, "02-study-list")
     find(By.ID, "next").click()
     wait.until(lambda d: d.find_element(By.ID, "page").text == "studies 26-31")
 
@@ -125,7 +74,7 @@ def test_sign_in_search_and_hostile_text_shown_literally(
     assert not driver.find_elements(By.CSS_SELECTOR, "#studies img, script:not([src])")  # type: ignore[attr-defined]
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text  # type: ignore[attr-defined]  # noqa: B018
-    _shot(driver, "03-hostile-text")
+    shot(driver, "03-hostile-text")
 
     find(By.ID, "logout").click()
     wait.until(lambda d: d.current_url.endswith("/ui/login"))

@@ -242,7 +242,7 @@ def create_app(archive: Archive) -> Starlette:
     async def options(_request: Request) -> Response:
         return Response(document, media_type="application/json", headers={"Allow": "OPTIONS, GET"})
 
-    from stockade.web import auth, ui
+    from stockade.web import admin, auth, ohif, studyactions, ui
 
     app = Starlette(
         routes=[
@@ -250,6 +250,9 @@ def create_app(archive: Archive) -> Starlette:
             Mount(BASE, routes=routes),
             *auth.ROUTES,
             *ui.ROUTES,
+            *studyactions.ROUTES,
+            *admin.ROUTES,
+            *ohif.ROUTES,
         ],
         exception_handlers=handlers,
     )

@@ -8,7 +8,8 @@ the session cookie of ``/auth/login``, so the caller's role and scope apply as t
 any client.
 
 Routes: ``/`` (redirects to the study list), ``/ui/login`` and ``/ui/static/...`` (public:
-they hold no patient data), ``/ui/`` (the study list; authenticated like every other route).
+they hold no patient data), and the pages of :data:`PAGES` (authenticated like every other
+route; what each page may do is checked by the routes it calls, not by the page).
 """
 
 from __future__ import annotations
@@ -46,14 +47,27 @@ async def login_page(_request: Request) -> Response:
     return _page("login.html")
 
 
-async def studies_page(_request: Request) -> Response:
-    """``/ui/``: the study list."""
-    return _page("studies.html")
+#: The pages behind the login: path -> file in ``static``.
+PAGES = {
+    "/ui/": "studies.html",  # the study list
+    "/ui/study": "study.html",  # one study: series, thumbnails, actions (?study=UID)
+    "/ui/viewer": "viewer.html",  # the zero-footprint viewer (?study=UID[&series=UID])
+    "/ui/upload": "upload.html",  # upload files and folders with STOW-RS
+    "/ui/admin": "admin.html",  # administration (admin role; its API checks the role)
+}
+
+
+def _serve(name: str) -> object:
+    async def page(_request: Request) -> Response:
+        return _page(name)
+
+    page.__doc__ = f"The page ``{name}``."
+    return page
 
 
 ROUTES = [
     Route("/", root, methods=["GET"]),
     Route("/ui/login", login_page, methods=["GET"]),
-    Route("/ui/", studies_page, methods=["GET"]),
+    *(Route(path, _serve(name), methods=["GET"]) for path, name in PAGES.items()),  # type: ignore[arg-type]
     Mount("/ui/static", app=StaticFiles(directory=STATIC), name="static"),
 ]
