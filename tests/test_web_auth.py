@@ -154,7 +154,9 @@ def test_browser_session_cookie_csrf_and_logout(archive: Archive, audit: MemoryA
     assert "Secure" not in cookie  # plain HTTP here; HTTPS sets it
     csrf = response.json()["csrf_token"]
     assert client.get("/dicomweb/studies").status_code == 200
-    assert client.get("/auth/me").json()["user"] == "rad"
+    who = client.get("/auth/me").json()
+    assert who["user"] == "rad"
+    assert who["permissions"] == ["download", "modify", "share", "upload", "view"]
     body = (
         b"--b\r\nContent-Type: application/dicom\r\n\r\n"
         + part10(make_dataset())

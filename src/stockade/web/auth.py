@@ -33,7 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from stockade.auth.roles import Permission
+from stockade.auth.roles import PERMISSIONS, Permission
 from stockade.auth.service import Principal, require
 from stockade.errors import InvalidQuery, NotAuthenticated, StockadeError
 from stockade.settings import is_loopback
@@ -262,6 +262,7 @@ async def me(request: Request) -> Response:
             "method": principal.method,
             "must_change": principal.must_change,
             "scoped": principal.scope is not None,
+            "permissions": sorted(p.value for p in PERMISSIONS[principal.role]),
         }
     )
 
