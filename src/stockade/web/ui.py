@@ -9,7 +9,9 @@ any client.
 
 Routes: ``/`` (redirects to the study list), ``/ui/login`` and ``/ui/static/...`` (public:
 they hold no patient data), and the pages of :data:`PAGES` (authenticated like every other
-route; what each page may do is checked by the routes it calls, not by the page).
+route; what each page may do is checked by the routes it calls). A page listed in
+:data:`PAGE_PERMISSIONS` is also refused as a whole (403, a page without data) to a caller
+whose role lacks its permission.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+
+from stockade.auth.roles import Permission
+from stockade.auth.service import require
+from stockade.errors import NotAuthorized
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: The policy of every HTML page: scripts, styles and connections from this origin only,
@@ -53,12 +59,37 @@ PAGES = {
     "/ui/study": "study.html",  # one study: series, thumbnails, actions (?study=UID)
     "/ui/viewer": "viewer.html",  # the zero-footprint viewer (?study=UID[&series=UID])
     "/ui/upload": "upload.html",  # upload files and folders with STOW-RS
-    "/ui/admin": "admin.html",  # administration (admin role; its API checks the role)
+    "/ui/admin": "admin.html",  # administration (admin role only: PAGE_PERMISSIONS)
 }
 
 
-def _serve(name: str) -> object:
-    async def page(_request: Request) -> Response:
+#: Pages refused (403) to a caller whose role lacks the permission: path -> permission.
+PAGE_PERMISSIONS = {"/ui/admin": Permission.ADMIN}
+
+
+def _forbidden(reason: str) -> Response:
+    """403 for a page of the web application: a page that says so, without any data."""
+    body = (
+        '<!doctype html><html lang="en"><meta charset="utf-8"><title>Forbidden</title>'
+        '<link rel="stylesheet" href="/ui/static/app.css"><main><h1>Forbidden</h1>'
+        "<p>Your role may not open this page.</p><p>"
+        + reason.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        + '</p><p><a href="/ui/">Back to the studies</a></p></main></html>'
+    )
+    return HTMLResponse(body, status_code=403)
+
+
+def _serve(path: str, name: str) -> object:
+    permission = PAGE_PERMISSIONS.get(path)
+
+    async def page(request: Request) -> Response:
+        if permission is not None:
+            from stockade.web.auth import principal_of  # auth imports this module
+
+            try:
+                require(principal_of(request), permission)
+            except NotAuthorized as exc:
+                return _forbidden(exc.reason)
         return _page(name)
 
     page.__doc__ = f"The page ``{name}``."
@@ -68,6 +99,6 @@ def _serve(name: str) -> object:
 ROUTES = [
     Route("/", root, methods=["GET"]),
     Route("/ui/login", login_page, methods=["GET"]),
-    *(Route(path, _serve(name), methods=["GET"]) for path, name in PAGES.items()),  # type: ignore[arg-type]
+    *(Route(path, _serve(path, name), methods=["GET"]) for path, name in PAGES.items()),  # type: ignore[arg-type]
     Mount("/ui/static", app=StaticFiles(directory=STATIC), name="static"),
 ]
