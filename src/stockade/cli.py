@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stockade import __version__, cli_audit, cli_security, cli_tls, cli_users
+from stockade import __version__, cli_audit, cli_security, cli_tls, cli_users, cli_viewer
 from stockade.app import build_archive, configure_logging
 from stockade.archive import Archive
 from stockade.dicom.attributes import Level
@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_audit.add_commands(sub)
     cli_tls.add_commands(sub)
     cli_users.add_commands(sub)
+    cli_viewer.add_commands(sub)
     st = sub.add_parser("settings", help="show the settings in force")
     st.add_argument("--markdown", action="store_true", help="print the settings reference")
     return parser
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             return cli_security.scan(settings, args)
         if args.command in cli_tls.COMMANDS:
             return cli_tls.run(settings, args)
+        if args.command in cli_viewer.COMMANDS:
+            return cli_viewer.run(settings, args)
         if args.command == "settings":
             for name, value in settings.as_dict().items():
                 out.print(f"{name} = {value!s}")

@@ -496,6 +496,13 @@ DECLARED: tuple[Declared, ...] = (
         "past it is cut off with 413.",
         _positive,
     ),
+    Declared(
+        "viewer_dir",
+        str,
+        "",
+        "Folder of the OHIF viewer installed by `stockade viewer install` and served under "
+        "`/ohif/`. Empty: `<data_dir>/viewer`.",
+    ),
     Declared("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", _log_level),
     Declared(
         "audit_syslog_host",
@@ -602,6 +609,7 @@ class Settings:
     oidc_algorithms: str
     oidc_username_claim: str
     http_max_body_size: int
+    viewer_dir: str
     log_level: str
     audit_syslog_host: str
     audit_syslog_port: int
@@ -616,6 +624,11 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    @property
+    def viewer_path(self) -> Path:
+        """The folder of the installed OHIF viewer (``viewer_dir``, or under the data folder)."""
+        return Path(self.viewer_dir) if self.viewer_dir else self.data_dir / "viewer"
 
     @property
     def worker_count(self) -> int:

@@ -31,6 +31,7 @@ from stockade.dicom.uids import uid_problem
 from stockade.errors import InvalidQuery, NotAuthenticated, StockadeError
 from stockade.query import Scope as ViewScope
 from stockade.settings import cors_origins
+from stockade.web import ohif
 from stockade.web.ui import CONTENT_SECURITY_POLICY
 
 if TYPE_CHECKING:
@@ -167,6 +168,10 @@ class SecurityHeaders:
             return
 
         added = SECURITY_HEADERS + (HTTPS_HEADERS if scope.get("scheme") == "https" else [])
+        # OHIF's pages have their own, less strict policy (stockade.web.ohif).
+        path = scope.get("path", "")
+        viewer = path == ohif.PREFIX.rstrip("/") or path.startswith(ohif.PREFIX)
+        policy = ohif.CONTENT_SECURITY_POLICY if viewer else CONTENT_SECURITY_POLICY
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -182,7 +187,7 @@ class SecurityHeaders:
                 extra = added
                 if html:  # a page: its own policy (scripts and styles of this origin only)
                     extra = [h for h in added if h[0] != b"content-security-policy"] + [
-                        (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+                        (b"content-security-policy", policy.encode()),
                         (b"x-frame-options", b"DENY"),
                     ]
                     extra = list({k: (k, v) for k, v in extra}.values())

@@ -116,7 +116,7 @@ class Authenticate:
             from stockade.web.app import problem
 
             response = await problem(request, exc)
-            if exc.http_status == 401 and path.startswith("/ui/"):
+            if exc.http_status == 401 and path.startswith(("/ui/", "/ohif")):
                 response = _to_login()  # a page of the web application: 401, with a way on
             await response(scope, receive, send)
             return
