@@ -28,7 +28,7 @@ BLOCK_HU = 60  # the uniform block in the middle of every slice
 
 
 def ct_slice(study: str, series: str, number: int, **extra: Any) -> Dataset:
-    """A 256×256 CT slice: air (-1000 HU), a 60 HU block in the middle, and a bright square
+    """A 256 x 256 CT slice: air (-1000 HU), a 60 HU block in the middle, and a bright square
     whose place moves with the slice (so scrolling changes the picture)."""
     hu = np.full((SIZE, SIZE), -1000, dtype=np.int32)
     hu[64:192, 64:192] = BLOCK_HU
@@ -129,7 +129,23 @@ def test_scroll_window_measure_and_colour(
     sign_in(driver, server, "rad1", password)
     driver.get(f"{base_url(server)}/ui/viewer?study={study}&series={series}")
     vp = ".viewport.active"
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, vp).get_attribute("data-loading") == "false")
+
+    def shows(name: str, expected: str) -> None:
+        """Wait until the active viewport's data-<name> is *expected*."""
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, vp).get_attribute(name) == expected)
+
+    def drag(a: tuple[float, float], b: tuple[float, float]) -> None:
+        """Press at *a* (CSS pixels of the canvas, from on_screen), move to *b*, release."""
+        box = canvas.size
+        actions = ActionChains(driver).move_to_element_with_offset(
+            canvas, int(a[0] - box["width"] / 2), int(a[1] - box["height"] / 2)
+        )
+        half = (int(b[0] - a[0]) // 2, int(b[1] - a[1]) // 2)
+        actions.click_and_hold().move_by_offset(*half)
+        actions.move_by_offset(int(b[0] - a[0]) - half[0], int(b[1] - a[1]) - half[1])
+        actions.release().perform()
+
+    shows("data-loading", "false")
     viewport = driver.find_element(By.CSS_SELECTOR, vp)
     canvas = driver.find_element(By.CSS_SELECTOR, f"{vp} canvas")
     assert viewport.get_attribute("data-count") == "20"
@@ -141,7 +157,8 @@ def test_scroll_window_measure_and_colour(
 
     def geometry() -> tuple[float, float, float]:
         v = driver.find_element(By.CSS_SELECTOR, vp)
-        return tuple(float(v.get_attribute(k)) for k in ("data-scale", "data-origin-x", "data-origin-y"))  # type: ignore[return-value]
+        keys = ("data-scale", "data-origin-x", "data-origin-y")
+        return tuple(float(v.get_attribute(k)) for k in keys)  # type: ignore[return-value]
 
     def on_screen(x: float, y: float) -> tuple[float, float]:
         scale, ox, oy = geometry()
@@ -155,17 +172,20 @@ def test_scroll_window_measure_and_colour(
 
     # Scroll: keys, then the wheel; the instance shown changes.
     driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_DOWN)
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, vp).get_attribute("data-instance-number") == "2")
+    shows("data-instance-number", "2")
     ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, 120).perform()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, vp).get_attribute("data-instance-number") == "3")
+    shows("data-instance-number", "3")
     assert driver.find_element(By.CSS_SELECTOR, f"{vp} .corner.bl").text.startswith("Im 3 (3/20)")
     bright = canvas_pixel(driver, f"{vp} canvas", *on_screen(16 + 8 * 3, 16))
     assert bright[:3] == [255, 255, 255]  # slice 3's square, where slice 1 had air
     shot(driver, "11-viewer-scrolled")
 
     # Window/level by dragging: 100 px right widens, 50 px down lowers the level.
-    ActionChains(driver).move_to_element(canvas).click_and_hold().move_by_offset(100, 50).release().perform()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, vp).get_attribute("data-window-width") != "400")
+    middle = on_screen(SIZE / 2, SIZE / 2)
+    drag(middle, (middle[0] + 100, middle[1] + 50))
+    wait.until(
+        lambda d: d.find_element(By.CSS_SELECTOR, vp).get_attribute("data-window-width") != "400"
+    )
     center = float(viewport.get_attribute("data-window-center"))
     width = float(viewport.get_attribute("data-window-width"))
     assert width == pytest.approx(400 + 100 * 400 / 256, abs=2)
@@ -177,19 +197,7 @@ def test_scroll_window_measure_and_colour(
 
     # A length of 176 pixels along a row: 88 mm with 0.5 mm spacing.
     driver.find_element(By.CSS_SELECTOR, "[data-tool=length]").click()
-    scale, ox, oy = geometry()
-    box = canvas.size
-    start = on_screen(40, 128)
-    end = on_screen(216, 128)
-    (
-        ActionChains(driver)
-        .move_to_element_with_offset(canvas, int(start[0] - box["width"] / 2), int(start[1] - box["height"] / 2))
-        .click_and_hold()
-        .move_by_offset(int(end[0] - start[0]) // 2, 0)
-        .move_by_offset(int(end[0] - start[0]) - int(end[0] - start[0]) // 2, 0)
-        .release()
-        .perform()
-    )
+    drag(on_screen(40, 128), on_screen(216, 128))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#measurements li"))
     label = driver.find_element(By.CSS_SELECTOR, "#measurements li").text
     measured = float(re.search(r"Length ([\d.]+) mm", label).group(1))  # type: ignore[union-attr]
@@ -197,27 +205,19 @@ def test_scroll_window_measure_and_colour(
 
     # An ellipse inside the block: 60 HU, SD 0; its area in mm².
     driver.find_element(By.CSS_SELECTOR, "[data-tool=ellipse]").click()
-    a, b = on_screen(96, 96), on_screen(160, 160)
-    (
-        ActionChains(driver)
-        .move_to_element_with_offset(canvas, int(a[0] - box["width"] / 2), int(a[1] - box["height"] / 2))
-        .click_and_hold()
-        .move_by_offset(int(b[0] - a[0]), int(b[1] - a[1]))
-        .release()
-        .perform()
-    )
+    drag(on_screen(96, 96), on_screen(160, 160))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#measurements li")) == 2)
     roi = driver.find_elements(By.CSS_SELECTOR, "#measurements li")[1].text
     match = re.search(r"area ([\d.]+) mm² mean ([-\d.]+) HU SD ([\d.]+) HU", roi)
     assert match, roi
     assert float(match.group(2)) == pytest.approx(BLOCK_HU) and float(match.group(3)) == 0
-    assert float(match.group(1)) == pytest.approx(np.pi * 16 * 16, rel=0.03)  # diameter 64 px × 0.5 mm
+    assert float(match.group(1)) == pytest.approx(np.pi * 16 * 16, rel=0.03)  # 64 px x 0.5 mm
     shot(driver, "13-viewer-measurements")
 
     # The colour series: RGB shown as RGB, no Pixel Spacing flagged.
     driver.find_element(By.CSS_SELECTOR, "#strip button:nth-child(2)").click()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, vp).get_attribute("data-count") == "1")
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, vp).get_attribute("data-loading") == "false")
+    shows("data-count", "1")
+    shows("data-loading", "false")
     assert "no Pixel Spacing" in driver.find_element(By.CSS_SELECTOR, f"{vp} .corner.br").text
     red = canvas_pixel(driver, f"{vp} canvas", *on_screen(16, 32))
     blue = canvas_pixel(driver, f"{vp} canvas", *on_screen(48, 32))
