@@ -48,9 +48,16 @@ function render() {
   rows.replaceChildren();
   for (const study of ordered) {
     const row = document.createElement("tr");
-    row.dataset.study = value(study, TAGS.StudyInstanceUID);
+    const uid = value(study, TAGS.StudyInstanceUID);
+    row.dataset.study = uid;
+    const patient = document.createElement("td");
+    const open = document.createElement("a");
+    open.href = `/ui/study?study=${encodeURIComponent(uid)}`;
+    open.className = "study-link";
+    text(open, value(study, TAGS.PatientName) || "(no name)");
+    patient.append(open);
+    row.append(patient);
     const cells = [
-      value(study, TAGS.PatientName),
       value(study, TAGS.PatientID),
       value(study, TAGS.StudyDate),
       values(study, TAGS.ModalitiesInStudy).join(", "),
