@@ -196,18 +196,21 @@ def test_study_page_view_send_download_and_delete(
     answer = server.get(download.get_attribute("href"), timeout=60)
     assert answer.status_code == 200 and len(answer.content) == fetched[3]
     zipped = zipfile.ZipFile(io.BytesIO(answer.content))
-    assert zipped.namelist() == [
-        "S0001/I00001.dcm",
-        "S0001/I00002.dcm",
-        "S0001/I00003.dcm",
-        "S0002/I00001.dcm",
-        "S0002/I00002.dcm",
-    ]
+    # one folder per series (in the order the series were stored), instances in their order
+    folders: dict[str, list[tuple[str, int]]] = {}
     uids = set()
     for name in zipped.namelist():
         data = zipped.read(name)
         assert data[:132] == bytes(128) + b"DICM"
-        uids.add(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
+        ds = pydicom.dcmread(io.BytesIO(data))
+        uids.add(ds.SOPInstanceUID)
+        folder, entry = name.split("/")
+        assert entry == f"I{int(ds.InstanceNumber):05d}.dcm"
+        folders.setdefault(folder, []).append((ds.SeriesInstanceUID, int(ds.InstanceNumber)))
+    assert sorted(folders) == ["S0001", "S0002"]
+    assert sorted(folders.values()) == sorted(
+        [[(chest, 1), (chest, 2), (chest, 3)], [(head, 1), (head, 2)]]
+    )
     assert uids == {ds.SOPInstanceUID for ds in hostile}
 
     # send to a DCMTK storescp configured as a node
