@@ -145,6 +145,7 @@ def test_scroll_window_measure_and_colour(
         actions.move_by_offset(int(b[0] - a[0]) - half[0], int(b[1] - a[1]) - half[1])
         actions.release().perform()
 
+    shows("data-preview", "false")  # the whole series, after a preview of its first slice
     shows("data-loading", "false")
     viewport = driver.find_element(By.CSS_SELECTOR, vp)
     canvas = driver.find_element(By.CSS_SELECTOR, f"{vp} canvas")
@@ -217,6 +218,7 @@ def test_scroll_window_measure_and_colour(
     # The colour series: RGB shown as RGB, no Pixel Spacing flagged.
     driver.find_element(By.CSS_SELECTOR, "#strip button:nth-child(2)").click()
     shows("data-count", "1")
+    shows("data-preview", "false")
     shows("data-loading", "false")
     assert "no Pixel Spacing" in driver.find_element(By.CSS_SELECTOR, f"{vp} .corner.br").text
     red = canvas_pixel(driver, f"{vp} canvas", *on_screen(16, 32))

@@ -86,10 +86,33 @@ function addViewport() {
   return viewport;
 }
 
+// The first instance of a series (lowest Instance Number, from the index by QIDO-RS) and its
+// own metadata: enough to show the first image before the whole series' metadata is here.
+async function firstInstance(series) {
+  const base = `/dicomweb/studies/${encodeURIComponent(study)}/series/${encodeURIComponent(series)}`;
+  const found = await json(`${base}/instances?includefield=00200013&limit=5000`);
+  if (!found.length) return null;
+  const number = (item) => Number(value(item, T.InstanceNumber) || 0);
+  found.sort((a, b) => number(a) - number(b) || value(a, T.SOPInstanceUID).localeCompare(value(b, T.SOPInstanceUID)));
+  const sop = encodeURIComponent(value(found[0], T.SOPInstanceUID));
+  const [item] = await json(`${base}/instances/${sop}/metadata`);
+  return item || null;
+}
+
 async function open(viewport, series) {
   try {
     viewport.status.textContent = "loading";
-    const instances = await instancesOf(series);
+    viewport.wanted = series;
+    const whole = instancesOf(series);
+    let done = false;
+    firstInstance(series)
+      .then((item) => {
+        if (!done && item && viewport.wanted === series) viewport.load(study, series, [item], true);
+      })
+      .catch(() => {}); // the whole series' metadata still comes
+    const instances = await whole;
+    done = true;
+    if (viewport.wanted !== series) return; // another series was asked for meanwhile
     viewport.load(study, series, instances);
     if (viewport === active) activate(viewport);
     for (const button of strip.querySelectorAll("button")) {

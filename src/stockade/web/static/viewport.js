@@ -135,10 +135,17 @@ export class Viewport {
   // -- the stack ----------------------------------------------------------------------------
 
   // Show a series: its instances' metadata (WADO-RS), in Instance Number order.
-  load(study, series, instances) {
+  // preview: a stack of the first instance only, shown while the series' metadata loads;
+  // the next load() of the same series keeps its frame, window and view.
+  load(study, series, instances, preview = false) {
     loader.drop(this);
-    this.study = study;
-    this.series = series;
+    // Frames already here for the same series (e.g. from a preview of its first instance).
+    const kept = new Map();
+    const upgrade = this.preview && this.series === series && this.study === study;
+    if (upgrade) {
+      for (const [i, record] of this.cache) if (record.started) kept.set(this.stack[i].url, record); // here or coming
+    }
+    this.preview = preview;
     const sorted = [...instances].sort(
       (a, b) =>
         number(a, T.InstanceNumber, 0) - number(b, T.InstanceNumber, 0) ||
@@ -154,20 +161,33 @@ export class Viewport {
         this.stack.push({ item, frame: f, frames, url: `${base}/frames/${f + 1}`, d: describe(item, f) });
       }
     }
+    this.study = study;
+    this.series = series;
     this.cache = new Map();
+    this.loadedCount = 0;
+    this.stack.forEach((entry, i) => {
+      const record = kept.get(entry.url);
+      if (record) {
+        this.cache.set(i, record);
+        if (record.frame) this.loadedCount++;
+      }
+    });
     this.measurements = new Map();
     this.index = 0;
-    this.window = null;
-    this.invert = false;
-    this.view = null;
+    if (!upgrade) {
+      this.window = null;
+      this.invert = false;
+      this.view = null;
+    }
     this.scrollbar.max = String(Math.max(0, this.stack.length - 1));
     this.scrollbar.value = "0";
     this.root.dataset.series = series;
     this.root.dataset.count = String(this.stack.length);
     this.status.textContent = this.stack.length ? "" : "no image in this series";
+    this.root.dataset.preview = String(preview);
     if (this.stack.length) {
       this.show(0);
-      this.prefetch();
+      if (!preview) this.prefetch();
     } else {
       this.draw();
     }
@@ -189,26 +209,35 @@ export class Viewport {
     const job = { owner: this, priority: () => Math.abs(index - this.index) };
     const promise = new Promise((resolve, reject) => {
       job.run = () => {
+        record.started = true;
         const got = entry.d.grayscale ? fetchFrame(entry.url, entry.d) : fetchRendered(entry.url);
         return got.then(
           (frame) => {
             record.frame = frame;
             resolve(frame);
-            if (index === this.index) this.draw();
+            if (!this.holds(record)) return; // another series was opened meanwhile
+            this.loadedCount++;
+            this.root.dataset.loaded = String(this.loadedCount);
+            if (this.cache.get(this.index) === record) this.draw();
           },
           (error) => {
-            this.cache.delete(index);
+            for (const [i, r] of this.cache) if (r === record) this.cache.delete(i);
             reject(error);
           },
         );
       };
     });
-    const record = { promise, frame: null };
+    const record = { promise, frame: null, started: false };
     promise.catch(() => {});
     this.cache.set(index, record);
     loader.request(job);
     this.evict();
     return promise;
+  }
+
+  holds(record) {
+    for (const r of this.cache.values()) if (r === record) return true;
+    return false;
   }
 
   evict() {
