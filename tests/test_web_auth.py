@@ -62,7 +62,7 @@ def test_every_route_refuses_a_caller_without_credentials(archive: Archive) -> N
     client = TestClient(app)
     routes = _paths(app)
     assert len(routes) >= 30  # the walk found the DICOMweb routes, not just a few
-    public = {"/auth/login", "/ui/login", "/"}  # the way in; no patient data behind them
+    public = {"/auth/login", "/ui/login", "/", "/favicon.ico"}  # no patient data behind them
     for method, path in routes:
         if path in public:
             continue
@@ -70,12 +70,12 @@ def test_every_route_refuses_a_caller_without_credentials(archive: Archive) -> N
         assert response.status_code == 401, (method, path, response.status_code)
         assert response.headers["www-authenticate"] == 'Bearer realm="Stockade"'
         assert response.headers["x-content-type-options"] == "nosniff"
-        if path.startswith("/ui/"):  # a page: a page that goes on to the login
+        if path.startswith(("/ui/", "/ohif")):  # a page: a page that goes on to the login
             assert response.headers["content-type"].startswith("text/html")
             assert "script-src 'self'" in response.headers["content-security-policy"]
             assert 'url=/ui/login"' in response.text
         else:
-            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["content-type"] == "application/problem+json", path
     assert client.get("/", follow_redirects=False).headers["location"] == "/ui/"
     for bad in ("Bearer stk_nope", "Bearer ", "Digest x", "Basic !!!", "Basic " + "a" * 10):
         response = client.get("/dicomweb/studies", headers={"Authorization": bad})

@@ -36,7 +36,7 @@ CONTENT_SECURITY_POLICY = (
 )
 #: Paths reachable without credentials (no patient data behind them).
 PUBLIC_PREFIXES = ("/ui/static/",)
-PUBLIC_PATHS = frozenset({"/ui/login", "/"})
+PUBLIC_PATHS = frozenset({"/ui/login", "/", "/favicon.ico"})
 
 
 def _page(name: str) -> Response:
@@ -46,6 +46,11 @@ def _page(name: str) -> Response:
 async def root(_request: Request) -> Response:
     """``/``: to the study list (which sends an unauthenticated browser to the login)."""
     return RedirectResponse("/ui/", status_code=303)
+
+
+async def favicon(_request: Request) -> Response:
+    """``/favicon.ico``: the icon browsers ask for (public, no patient data)."""
+    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
 
 async def login_page(_request: Request) -> Response:
@@ -98,6 +103,7 @@ def _serve(path: str, name: str) -> object:
 
 ROUTES = [
     Route("/", root, methods=["GET"]),
+    Route("/favicon.ico", favicon, methods=["GET"]),
     Route("/ui/login", login_page, methods=["GET"]),
     *(Route(path, _serve(path, name), methods=["GET"]) for path, name in PAGES.items()),  # type: ignore[arg-type]
     Mount("/ui/static", app=StaticFiles(directory=STATIC), name="static"),
