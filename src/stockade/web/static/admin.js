@@ -391,9 +391,12 @@ function details(record) {
   return rest.map(([key, v]) => `${key}=${typeof v === "object" ? JSON.stringify(v) : v}`).join("  ");
 }
 
+let auditSearch = 0;
+
 async function searchAudit() {
+  const mine = ++auditSearch;
   const data = await act(() => api(`/audit?${auditQuery()}`));
-  if (!data) return;
+  if (!data || mine !== auditSearch) return; // a newer search is under way
   const body = document.querySelector("#audit-table tbody");
   body.replaceChildren();
   for (const record of data.records) {
