@@ -249,6 +249,7 @@ _KNOWN_INLINE = re.compile(
     r'|function browserImportFunction\(\w+\)\{return import\(\w+\)\}window\.PUBLIC_URL="/"'
 )
 _SERVICE_WORKER = re.compile(r'<script[^>]*src="/init-service-worker\.js"[^>]*></script>')
+_MANIFEST_LINK = re.compile(r'<link rel="manifest"[^>]*>')
 _ROOTED = re.compile(r'(\s(?:href|src)=")/(?!/)')
 
 
@@ -258,7 +259,8 @@ def adapt(dist: Path) -> list[str]:
 
     * ``index.html``: its inline script is removed (``app-config.js`` sets the public URL and
       the module loader instead, so the page needs no ``'unsafe-inline'``), the service
-      worker is not registered (it would fetch Workbox from Google), and root paths get the
+      worker is not registered (it would fetch Workbox from Google), nor the web app
+      manifest (a browser fetches it without the session cookie), and root paths get the
       prefix;
     * webpack's public path in the bundles, and ``url(/...)`` in the style sheets, get the
       prefix (chunks, workers, WebAssembly and fonts load from there).
@@ -273,6 +275,7 @@ def adapt(dist: Path) -> list[str]:
             )
     page = _INLINE_SCRIPT.sub("", page)
     page = _SERVICE_WORKER.sub("", page)
+    page = _MANIFEST_LINK.sub("", page)
     page = _ROOTED.sub(lambda m: m.group(1) + PREFIX, page)
     if f'src="{PREFIX}app-config.js"' not in page:
         raise ViewerError("index.html does not load app-config.js")

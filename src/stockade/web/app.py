@@ -168,7 +168,8 @@ class SecurityHeaders:
             return
 
         added = SECURITY_HEADERS + (HTTPS_HEADERS if scope.get("scheme") == "https" else [])
-        # OHIF's pages have their own, less strict policy (stockade.web.ohif).
+        # OHIF has its own, less strict policy (stockade.web.ohif), on its scripts too: a
+        # web worker runs under the policy of its script's response.
         path = scope.get("path", "")
         viewer = path == ohif.PREFIX.rstrip("/") or path.startswith(ohif.PREFIX)
         policy = ohif.CONTENT_SECURITY_POLICY if viewer else CONTENT_SECURITY_POLICY
@@ -185,7 +186,7 @@ class SecurityHeaders:
                     for k, v in headers
                 )
                 extra = added
-                if html:  # a page: its own policy (scripts and styles of this origin only)
+                if html or viewer:  # a page: its policy (scripts and styles of this origin)
                     extra = [h for h in added if h[0] != b"content-security-policy"] + [
                         (b"content-security-policy", policy.encode()),
                         (b"x-frame-options", b"DENY"),

@@ -57,23 +57,27 @@ MANIFEST = "stockade-viewer.json"
 #: The URL that opens a study (the Study Instance UID is appended).
 STUDY_URL = PREFIX + "viewer?StudyInstanceUIDs="
 
-#: The policy of OHIF's pages, as strict as the prebuilt viewer allows; each relaxation of
-#: :data:`stockade.web.ui.CONTENT_SECURITY_POLICY` is there for a reason (docs/ohif.md):
+#: The policy of every answer under ``/ohif/`` (its pages, and its scripts: a web worker runs
+#: under the policy of its script's answer), as strict as the prebuilt viewer allows. Each
+#: relaxation of :data:`stockade.web.ui.CONTENT_SECURITY_POLICY` has its reason
+#: (docs/ohif.md):
 #:
-#: * ``script-src 'wasm-unsafe-eval'``: the image decoders (JPEG, JPEG-LS, JPEG 2000, HTJ2K)
-#:   are WebAssembly modules of this origin; compiling them needs it. No ``'unsafe-eval'``,
-#:   no inline script (the installation moves OHIF's inline script into app-config.js).
-#: * ``worker-src 'self' blob:``: cornerstone starts its decoding and computing web workers
-#:   from bundles of this origin, some through blob: URLs.
 #: * ``style-src 'unsafe-inline'``: React and OHIF's components set styles inline
-#:   (``style=`` attributes and injected ``<style>`` elements); styles cannot run script.
-#: * ``font-src 'self' data:``, ``img-src``/``media-src`` ``blob: data:``: OHIF's fonts and
-#:   icons, and images and videos it builds in the browser.
+#:   (``style`` attributes, injected ``<style>`` elements); the viewer's layout breaks
+#:   without it. Styles cannot run script.
+#: * ``script-src 'wasm-unsafe-eval'``: compiling WebAssembly of this origin (OHIF's
+#:   segmentation and AI tools, and its image decoders); it allows no JavaScript eval.
+#: * ``worker-src 'self' blob:``: cornerstone's workers are bundles of this origin; the ONNX
+#:   runtime of OHIF's AI tools starts its proxy worker from a blob: URL made by that script.
+#: * ``img-src blob: data:``: images OHIF builds in the browser (thumbnails, icons).
+#:
+#: No ``'unsafe-eval'`` and no inline script (the installation moves OHIF's inline script
+#: into ``app-config.js``); connections, fonts and media go to this origin only.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
-    "style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; font-src 'self' data:; "
-    "media-src 'self' blob:; connect-src 'self' blob: data:; manifest-src 'self'; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    "style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; font-src 'self'; "
+    "media-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'"
 )
 
 #: Media types of the viewer's files (``X-Content-Type-Options: nosniff`` is on every
