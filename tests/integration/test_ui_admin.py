@@ -1,7 +1,8 @@
 """The administration page in a real browser (Debian's chromium through chromium-driver): an
 administrator adds a DICOM peer, tests it with C-ECHO against a DCMTK storescp, finds the
 change in the audit log viewer and removes the peer after an in-page confirmation; a
-radiologist gets 403 on the page and on every administration API."""
+radiologist gets 403 on the page and on every administration API. Users and the quarantine
+are worked on in the page too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.dicomfactory import make_dataset, part10
+from tests.polyglots import PREAMBLES
 
 from .browser import base_url, console_errors, shot, sign_in
 from .conftest import HOST, StockadeServer, clean_env, free_port, require_dcmtk
@@ -192,6 +196,36 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
     assert cells[:4] == ["rad1", "radiologist", "active", "set"]
     assert [r["target"] for r in server.audit() if r["type"] == "UserChanged"][-1] == "rad1"
     shot(driver, "23-admin-users")
+
+    # a polyglot held in quarantine: inspected, then deleted after the confirmation
+    polyglot = PREAMBLES["pe"] + part10(make_dataset(PatientID="HELD-1"))[128:]
+    with httpx.Client(base_url=base_url(server)) as boss:
+        csrf = boss.post("/auth/login", json={"username": "boss", "password": password})
+        sent = boss.post(
+            "/dicomweb/studies",
+            content=b"--b\r\nContent-Type: application/dicom\r\n\r\n" + polyglot + b"\r\n--b--\r\n",
+            headers={
+                "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+                "X-CSRF-Token": csrf.json()["csrf_token"],
+            },
+        )
+        assert sent.status_code == 409, sent.text
+    find(By.CSS_SELECTOR, '#tabs [data-tab="quarantine"]').click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#quarantine-table tbody tr"))
+    row = find(By.CSS_SELECTOR, "#quarantine-table tbody tr")
+    assert [c.text for c in row.find_elements(By.TAG_NAME, "td")][2:5:2] == [
+        "HELD-1",
+        "executable-preamble",
+    ]
+    row.find_element(By.CSS_SELECTOR, "button.show").click()
+    wait.until(lambda d: d.find_element(By.ID, "quarantine-detail").is_displayed())
+    assert "executable-preamble in preamble" in find(By.ID, "quarantine-findings").text
+    shot(driver, "24-admin-quarantine")
+    row.find_element(By.CSS_SELECTOR, "button.delete").click()
+    wait.until(lambda d: d.find_element(By.ID, "confirm").is_displayed())
+    find(By.ID, "confirm-ok").click()
+    wait.until(lambda d: d.find_element(By.ID, "quarantine-empty").is_displayed())
+    assert [r["action"] for r in server.audit() if r["type"] == "QuarantineChanged"] == ["delete"]
     assert not [e for e in console_errors(driver) if "Content Security Policy" in e]
 
     # a radiologist: 403 on the page and on every administration API
@@ -201,7 +235,7 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
     driver.get(base_url(server) + "/ui/admin")
     wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Forbidden")
     assert not driver.find_elements(By.ID, "tabs")
-    shot(driver, "24-admin-forbidden")
+    shot(driver, "25-admin-forbidden")
     with httpx.Client(base_url=base_url(server)) as rad:
         login = rad.post("/auth/login", json={"username": "rad1", "password": rad_password})
         assert login.status_code == 200, login.text
