@@ -111,6 +111,7 @@ def canvas_pixel(driver: Any, selector: str, x: float, y: float) -> list[int]:
 def test_scroll_window_measure_and_colour(
     make_server: Callable[..., StockadeServer], browser: Any
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
     from selenium.webdriver.common.by import By
@@ -126,8 +127,20 @@ def test_scroll_window_measure_and_colour(
 
     driver = browser
     wait = WebDriverWait(driver, 30)
+
+    def click(selector: str) -> None:
+        """Click what *selector* finds once it is there, again if the page redrew it."""
+        retry = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])
+        retry.until(lambda d: d.find_element(By.CSS_SELECTOR, selector).click() or True)
+
     sign_in(driver, server, "rad1", password)
-    driver.get(f"{base_url(server)}/ui/viewer?study={study}&series={series}")
+    # Search, open the study, then its CT series in the viewer.
+    driver.find_element(By.ID, "PatientID").send_keys("VIEW-1")
+    driver.find_element(By.ID, "find").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#studies tbody tr")) == 1)
+    click("#studies tbody a.study-link")  # the list may be drawn again meanwhile
+    click(f'tr[data-series="{series}"] a.thumb')
+    wait.until(lambda d: d.current_url.startswith(f"{base_url(server)}/ui/viewer?"))
     vp = ".viewport.active"
 
     def shows(name: str, expected: str) -> None:
