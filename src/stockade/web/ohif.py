@@ -127,6 +127,12 @@ def current(settings: Settings) -> Installed | None:
     return Installed(folder, version, package, integrity)
 
 
+def clean(relative: str) -> bool:
+    """False when *relative* has an empty, ``.`` or ``..`` segment, a backslash or a NUL."""
+    parts = relative.split("/")
+    return bool(relative) and not any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts)
+
+
 def resolve(folder: Path, relative: str) -> Path | None:
     """The file *relative* names in *folder*, or None when it names no file there.
 
@@ -134,13 +140,10 @@ def resolve(folder: Path, relative: str) -> Path | None:
     NUL is refused, and so is anything that resolves (symbolic links followed) outside
     *folder*.
     """
-    if not relative:
-        return None
-    parts = relative.split("/")
-    if any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+    if not clean(relative):
         return None
     try:
-        path = folder.joinpath(*parts).resolve(strict=True)
+        path = folder.joinpath(*relative.split("/")).resolve(strict=True)
     except (OSError, RuntimeError):
         return None
     if not path.is_relative_to(folder) or not path.is_file():
@@ -277,7 +280,8 @@ async def viewer_file(request: Request) -> Response:
         if found is not None:
             return found
         last = relative.rsplit("/", 1)[-1]
-        if "." in last or relative.split("/", 1)[0] in _NOT_PAGES:
+        odd = bool(relative.rstrip("/")) and not clean(relative.rstrip("/"))
+        if odd or "." in last or relative.split("/", 1)[0] in _NOT_PAGES:
             raise NotFound(f"no such file in the viewer: {relative[:200]}")
         return installed.folder / "index.html"  # one of OHIF's client routes
 
