@@ -148,7 +148,11 @@ def test_study_opens_in_ohif_and_an_image_renders(
         "return performance.getEntriesByType('resource').map(function (e) { return e.name; });"
     )
     assert fetched and all(url.startswith(base + "/") for url in fetched), fetched
-    print(f"viewer install {install_seconds:.1f} s; canvases {stats}")
+    loaded = driver.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".reduce(function (n, e) { return n + e.transferSize; }, 0);"
+    )
+    print(f"viewer install {install_seconds:.1f} s; page loaded {loaded / 1e6:.1f} MB; {stats}")
 
 
 def test_viewer_install_refuses_a_bad_version(make_server: Callable[..., StockadeServer]) -> None:
