@@ -23,6 +23,7 @@ from .browser import base_url, console_errors, shot, sign_in
 from .conftest import HOST, StockadeServer, clean_env, free_port, require_dcmtk
 
 PEER_AE = "PEERSCP"
+PEER_ROW = '#node-table tr[data-node="peer-scp"]'
 QID = "0" * 32
 #: Every administration route (method, path), path parameters filled in.
 ADMIN_API = [
@@ -85,6 +86,33 @@ def _node_row(driver: Any, name: str) -> Any:
     return found[0] if found else None
 
 
+def _cells(wait: Any, selector: str) -> list[str]:
+    """The texts of the cells of the row *selector*, read again if the table is redrawn
+    meanwhile (the wait ignores stale elements)."""
+    from selenium.webdriver.common.by import By
+
+    def read(driver: Any) -> list[str] | None:
+        rows = driver.find_elements(By.CSS_SELECTOR, selector)
+        return [c.text for c in rows[0].find_elements(By.TAG_NAME, "td")] if rows else None
+
+    cells: list[str] = wait.until(read)
+    return cells
+
+
+def _press(wait: Any, selector: str) -> None:
+    """Click the button *selector* once it is there (again if the table was redrawn)."""
+    from selenium.webdriver.common.by import By
+
+    def press(driver: Any) -> bool:
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        if not found:
+            return False
+        found[0].click()
+        return True
+
+    wait.until(press)
+
+
 def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
     make_server: Callable[..., StockadeServer], browser: Any, tmp_path: Path
 ) -> None:
@@ -115,17 +143,17 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
         find(By.ID, "node-save").click()
         wait.until(lambda d: _node_row(d, "peer-scp") is not None)
         assert find(By.ID, "message").text == "added peer peer-scp"
-        cells = [c.text for c in _node_row(driver, "peer-scp").find_elements(By.TAG_NAME, "td")]
+        cells = _cells(wait, PEER_ROW)
         assert cells[:6] == ["peer-scp", PEER_AE, HOST, str(port), "echo, store", "no"]
 
-        _node_row(driver, "peer-scp").find_element(By.CSS_SELECTOR, "button.test").click()
+        _press(wait, f"{PEER_ROW} button.test")
         wait.until(
             lambda d: (
                 _node_row(d, "peer-scp").find_element(By.CLASS_NAME, "echo-result").text
                 not in ("", "testing…")
             )
         )
-        result = _node_row(driver, "peer-scp").find_element(By.CLASS_NAME, "echo-result").text
+        result = _cells(wait, PEER_ROW)[7]
         assert result.startswith("C-ECHO success in "), result
         shot(driver, "20-admin-peer-echo")
 
@@ -155,14 +183,14 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
     # removing needs the in-page confirmation; cancelling keeps the peer
     find(By.CSS_SELECTOR, '#tabs [data-tab="nodes"]').click()
     wait.until(lambda d: _node_row(d, "peer-scp") is not None)
-    _node_row(driver, "peer-scp").find_element(By.CSS_SELECTOR, "button.remove").click()
+    _press(wait, f"{PEER_ROW} button.remove")
     wait.until(lambda d: d.find_element(By.ID, "confirm").is_displayed())
     assert "peer-scp" in find(By.ID, "confirm-text").text
     shot(driver, "22-admin-confirm-remove")
     find(By.ID, "confirm-cancel").click()
     wait.until(lambda d: not d.find_element(By.ID, "confirm").is_displayed())
     assert _node_row(driver, "peer-scp") is not None
-    _node_row(driver, "peer-scp").find_element(By.CSS_SELECTOR, "button.remove").click()
+    _press(wait, f"{PEER_ROW} button.remove")
     wait.until(lambda d: d.find_element(By.ID, "confirm").is_displayed())
     find(By.ID, "confirm-ok").click()
     wait.until(lambda d: _node_row(d, "peer-scp") is None)
@@ -186,13 +214,7 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
     find(By.ID, "user-password").send_keys(rad_password)
     find(By.ID, "user-must-change").click()  # off: rad1 signs in without changing it
     find(By.ID, "user-add").click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#user-table tr[data-user="rad1"]'))
-    cells = [
-        c.text
-        for c in find(By.CSS_SELECTOR, '#user-table tr[data-user="rad1"]').find_elements(
-            By.TAG_NAME, "td"
-        )
-    ]
+    cells = _cells(wait, '#user-table tr[data-user="rad1"]')
     assert cells[:4] == ["rad1", "radiologist", "active", "set"]
     assert [r["target"] for r in server.audit() if r["type"] == "UserChanged"][-1] == "rad1"
     shot(driver, "23-admin-users")
@@ -212,16 +234,15 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
         assert sent.status_code == 409, sent.text
     find(By.CSS_SELECTOR, '#tabs [data-tab="quarantine"]').click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#quarantine-table tbody tr"))
-    row = find(By.CSS_SELECTOR, "#quarantine-table tbody tr")
-    assert [c.text for c in row.find_elements(By.TAG_NAME, "td")][2:5:2] == [
+    assert _cells(wait, "#quarantine-table tbody tr")[2:5:2] == [
         "HELD-1",
         "executable-preamble",
     ]
-    row.find_element(By.CSS_SELECTOR, "button.show").click()
+    _press(wait, "#quarantine-table tbody tr button.show")
     wait.until(lambda d: d.find_element(By.ID, "quarantine-detail").is_displayed())
     assert "executable-preamble in preamble" in find(By.ID, "quarantine-findings").text
     shot(driver, "24-admin-quarantine")
-    row.find_element(By.CSS_SELECTOR, "button.delete").click()
+    _press(wait, "#quarantine-table tbody tr button.delete")
     wait.until(lambda d: d.find_element(By.ID, "confirm").is_displayed())
     find(By.ID, "confirm-ok").click()
     wait.until(lambda d: d.find_element(By.ID, "quarantine-empty").is_displayed())

@@ -79,6 +79,14 @@ function bytes(n) {
   return unit === 0 ? `${n} bytes` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
+// Each list remembers its newest request; an answer to an older one is not shown.
+const asked = {};
+function ticket(key) {
+  asked[key] = (asked[key] || 0) + 1;
+  const mine = asked[key];
+  return () => mine === asked[key];
+}
+
 // -- tabs ------------------------------------------------------------------------------------
 
 function show(tab) {
@@ -98,8 +106,9 @@ for (const b of document.querySelectorAll("#tabs [role=tab]")) {
 // -- users -----------------------------------------------------------------------------------
 
 loaders.users = async () => {
+  const current = ticket("users");
   const data = await act(() => api("/users"));
-  if (!data) return;
+  if (!data || !current()) return;
   const roles = document.getElementById("user-role");
   if (!roles.options.length) {
     for (const role of data.roles) {
@@ -212,8 +221,9 @@ function editNode(node) {
 }
 
 loaders.nodes = async () => {
+  const current = ticket("nodes");
   const data = await act(() => api("/nodes"));
-  if (!data) return;
+  if (!data || !current()) return;
   const body = document.querySelector("#node-table tbody");
   body.replaceChildren();
   for (const node of data.nodes) {
@@ -313,8 +323,9 @@ async function showEntry(id) {
 }
 
 loaders.quarantine = async () => {
+  const current = ticket("quarantine");
   const data = await act(() => api("/quarantine"));
-  if (!data) return;
+  if (!data || !current()) return;
   const body = document.querySelector("#quarantine-table tbody");
   body.replaceChildren();
   document.getElementById("quarantine-empty").hidden = data.entries.length > 0;
@@ -391,12 +402,10 @@ function details(record) {
   return rest.map(([key, v]) => `${key}=${typeof v === "object" ? JSON.stringify(v) : v}`).join("  ");
 }
 
-let auditSearch = 0;
-
 async function searchAudit() {
-  const mine = ++auditSearch;
+  const current = ticket("audit");
   const data = await act(() => api(`/audit?${auditQuery()}`));
-  if (!data || mine !== auditSearch) return; // a newer search is under way
+  if (!data || !current()) return; // a newer search is under way
   const body = document.querySelector("#audit-table tbody");
   body.replaceChildren();
   for (const record of data.records) {
