@@ -13,7 +13,7 @@ import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
 from stockade.archive import Archive
-from stockade.audit.events import InstanceRejected
+from stockade.audit.events import InstanceRejected, InstanceStored
 from stockade.audit.sink import MemoryAuditSink
 from stockade.dicom.inspect import Kind
 from stockade.dicom.part10 import read_part10
@@ -380,3 +380,15 @@ def test_bad_or_unknown_content_encoding(client: TestClient, archive: Archive) -
     response = post(client, body, **{"Content-Encoding": "gzip"})  # not gzip at all
     assert response.status_code == 400
     assert archive.counts()["instances"] == 0
+
+
+def test_the_signed_in_user_is_recorded_as_the_sender(
+    archive: Archive, audit: MemoryAuditSink
+) -> None:
+    client = authed(TestClient(create_app(archive)), archive, "technologist")
+    ds = make_dataset()
+    assert post(client, multipart([part10(ds)])).status_code == 200
+    stored = [e for e in audit.events if isinstance(e, InstanceStored)]
+    assert [(e.sop_instance_uid, e.actor.user, e.actor.via) for e in stored] == [
+        (ds.SOPInstanceUID, "test-technologist", "web")
+    ]

@@ -84,7 +84,7 @@ from stockade.errors import (
     StockadeError,
 )
 from stockade.ingest import Origin
-from stockade.web.app import BASE, PROBLEM, archive_of
+from stockade.web.app import BASE, PROBLEM, actor_of, archive_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE, RETRIEVE_URL, tag_hex
 from stockade.web.encoding import BadEncoding, check_coding, decoded
 from stockade.web.multipart import (
@@ -455,8 +455,8 @@ async def store(request: Request) -> Response:
             raise InvalidAttribute(f"StudyInstanceUID in the URL {problem}")
     boundary = _check_request(request, archive)
     settings = archive.settings
-    client = request.client
-    origin = Origin(via="web", address=client.host if client else None)
+    actor = actor_of(request)  # the authenticated user is recorded as the sender
+    origin = Origin(via="web", address=actor.address, user=actor.user)
     parser = MultipartParser(boundary, max_part_size=settings.max_object_size, keep=_keep)
     outcomes: list[Outcome] = []
     # Parts are stored while the next ones arrive, a few at once (their fsyncs and index
