@@ -138,7 +138,7 @@ def test_study_opens_in_ohif_and_an_image_renders(
     try:
         WebDriverWait(driver, RENDER_TIMEOUT, poll_frequency=1).until(rendered)
     finally:
-        shot(driver, "ohif-01-study")
+        shot(driver, "50-ohif-study")
     levels, spread = screenshot_spread(driver)
     assert levels > 8 and spread > 10, (levels, spread, stats)
     assert "/ohif/viewer" in driver.current_url

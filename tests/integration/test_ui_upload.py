@@ -115,7 +115,7 @@ def test_upload_a_folder_reports_each_file(
     assert driver.find_element(By.ID, "progress").get_attribute("value") == driver.find_element(
         By.ID, "progress"
     ).get_attribute("max")
-    shot(driver, "10-upload-folder")
+    shot(driver, "40-upload-folder")
 
     # several files through the "multiple" input, and a file dropped on the page
     two = [folder / "ct-1.dcm", folder / "notes.txt"]
@@ -136,7 +136,7 @@ def test_upload_a_folder_reports_each_file(
     assert more["dropped.txt"]["result"] == "failed"
     assert "not a readable DICOM file" in more["dropped.txt"]["reason"]
     assert not [e for e in console_errors(driver) if "Content Security Policy" in e]
-    shot(driver, "11-upload-more")
+    shot(driver, "41-upload-more")
 
     # only the valid files are stored (QIDO-RS), the polyglots are in the quarantine
     for uid, result, _ in expected.values():

@@ -167,7 +167,7 @@ def test_scroll_window_measure_and_colour(
     corners = driver.find_element(By.CSS_SELECTOR, f"{vp} .corner.tr").text
     assert XSS in corners  # the hostile Series Description, as text
     assert driver.find_element(By.CSS_SELECTOR, f"{vp} .corner.bl").text.startswith("Im 1 (1/20)")
-    shot(driver, "10-viewer-first-image")
+    shot(driver, "30-viewer-first-image")
 
     def geometry() -> tuple[float, float, float]:
         v = driver.find_element(By.CSS_SELECTOR, vp)
@@ -192,7 +192,7 @@ def test_scroll_window_measure_and_colour(
     assert driver.find_element(By.CSS_SELECTOR, f"{vp} .corner.bl").text.startswith("Im 3 (3/20)")
     bright = canvas_pixel(driver, f"{vp} canvas", *on_screen(16 + 8 * 3, 16))
     assert bright[:3] == [255, 255, 255]  # slice 3's square, where slice 1 had air
-    shot(driver, "11-viewer-scrolled")
+    shot(driver, "31-viewer-scrolled")
 
     # Window/level by dragging: 100 px right widens, 50 px down lowers the level.
     middle = on_screen(SIZE / 2, SIZE / 2)
@@ -207,7 +207,7 @@ def test_scroll_window_measure_and_colour(
     after = canvas_pixel(driver, f"{vp} canvas", *on_screen(SIZE / 2, SIZE / 2))
     assert after[:3] == [linear_voi(BLOCK_HU, center, width)] * 3
     assert after != before
-    shot(driver, "12-viewer-window-level")
+    shot(driver, "32-viewer-window-level")
 
     # A length of 176 pixels along a row: 88 mm with 0.5 mm spacing.
     driver.find_element(By.CSS_SELECTOR, "[data-tool=length]").click()
@@ -226,7 +226,7 @@ def test_scroll_window_measure_and_colour(
     assert match, roi
     assert float(match.group(2)) == pytest.approx(BLOCK_HU) and float(match.group(3)) == 0
     assert float(match.group(1)) == pytest.approx(np.pi * 16 * 16, rel=0.03)  # 64 px x 0.5 mm
-    shot(driver, "13-viewer-measurements")
+    shot(driver, "33-viewer-measurements")
 
     # The colour series: RGB shown as RGB, no Pixel Spacing flagged.
     driver.find_element(By.CSS_SELECTOR, "#strip button:nth-child(2)").click()
@@ -238,7 +238,7 @@ def test_scroll_window_measure_and_colour(
     blue = canvas_pixel(driver, f"{vp} canvas", *on_screen(48, 32))
     assert red[0] > 200 and red[2] < 50, red
     assert blue[2] > 200 and blue[0] < 50, blue
-    shot(driver, "14-viewer-colour")
+    shot(driver, "34-viewer-colour")
 
     # The attribute panel shows the hostile description as text.
     driver.find_element(By.ID, "tags").click()
@@ -246,4 +246,4 @@ def test_scroll_window_measure_and_colour(
     wait.until(lambda d: XSS in d.find_element(By.ID, "attribute-rows").text)
     assert not driver.find_elements(By.CSS_SELECTOR, "#attribute-rows img, .corner img")
     assert console_errors(driver) == []
-    shot(driver, "15-viewer-attributes")
+    shot(driver, "35-viewer-attributes")
