@@ -19,7 +19,7 @@ from stockade.archive import Archive
 from stockade.audit.events import Actor
 from stockade.auth.roles import Role
 from stockade.auth.users import digest
-from stockade.errors import Quarantined
+from stockade.errors import Conflict, Quarantined
 from stockade.ingest import Origin
 from stockade.settings import Settings
 from stockade.web import admin
@@ -86,7 +86,7 @@ def _audit(client: Recorder, **params: str) -> list[dict[str, Any]]:
 
 def test_only_administrators_get_in(archive: Archive) -> None:
     routes = _routes()
-    assert len(routes) == 19
+    assert len(routes) == 20
     app = create_app(archive)
     anonymous = TestClient(app)
     for method, path in routes:
@@ -246,6 +246,20 @@ def test_users_added_disabled_enabled_and_passwords_set_audited(trail: Archive) 
     weak = client("POST", "/api/admin/users/tech-1/password", json={"password": "tech-1-pass"})
     assert weak.status_code == 400
 
+    # roles: another role applies from the next request; never one's own, never "superuser"
+    promoted = client("POST", "/api/admin/users/test-technologist/role", json={"role": "admin"})
+    assert promoted.status_code == 200 and promoted.json()["role"] == "admin"
+    assert other.get("/api/admin/users").status_code == 200  # the same token, now an admin
+    client("POST", "/api/admin/users/test-technologist/role", json={"role": "referrer"})
+    assert other.get("/api/admin/users").status_code == 403
+    assert other.post("/dicomweb/studies", content=b"").status_code == 403  # no upload
+    own = client("POST", "/api/admin/users/test-admin/role", json={"role": "referrer"})
+    assert own.status_code == 409 and "your own" in own.json()["detail"]
+    bad = client("POST", "/api/admin/users/tech-1/role", json={"role": "superuser"})
+    assert bad.status_code == 400 and "not a role" in bad.json()["detail"]
+    with pytest.raises(Conflict, match="last administrator"):  # test-admin is the only one
+        trail.accounts.set_role("test-admin", Role.REFERRER, ACTOR)
+
     users = client("GET", "/api/admin/users").json()["users"]
     assert {u["name"] for u in users} == {"test-admin", "test-technologist", "tech-1"}
     assert all(set(u) >= {"name", "role", "disabled"} for u in users)
@@ -256,7 +270,11 @@ def test_users_added_disabled_enabled_and_passwords_set_audited(trail: Archive) 
         ("test-technologist", "disable"),
         ("test-technologist", "enable"),
         ("tech-1", "password"),
+        ("test-technologist", "role"),
+        ("test-technologist", "role"),
     ]
+    roles = [r.get("detail") for r in records if r["action"] == "role"]
+    assert roles == ["admin -> referrer", "technologist -> admin"]  # newest first
     for body in client.bodies:  # no password, hash, token or token digest in any answer
         for secret in (PASSWORD, new, client.token, token, digest(client.token), digest(token)):
             assert secret not in body

@@ -43,6 +43,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     passwd.add_argument("name")
     passwd.add_argument("--password-stdin", action="store_true")
     passwd.add_argument("--must-change", action="store_true")
+    role = u_sub.add_parser("role", help="give a user another role")
+    role.add_argument("name")
+    role.add_argument("role", choices=[r.value for r in Role])
     for name, text in (("disable", "disable a user"), ("enable", "enable a user")):
         u_sub.add_parser(name, help=text).add_argument("name")
     u_sub.add_parser("list", help="list users")
@@ -100,6 +103,9 @@ def user(archive: Archive, args: argparse.Namespace) -> int:
         password = _password(args.password_stdin)
         accounts.set_password(args.name, password, _actor(), must_change=args.must_change)
         out.print(f"password of {args.name} changed; its sessions ended", markup=False)
+    elif command == "role":
+        accounts.set_role(args.name, Role(args.role), _actor())
+        out.print(f"{args.name} is now {args.role}", markup=False)
     elif command in ("disable", "enable"):
         accounts.set_disabled(args.name, command == "disable", _actor())
         out.print(f"{args.name} {command}d", markup=False)

@@ -110,6 +110,21 @@ class DuplicateConflict(StockadeError):
     code = "duplicate-conflict"
 
 
+class Conflict(StockadeError):
+    """A change conflicts with what exists (a name taken, the last administrator, one's own
+    account)."""
+
+    http_status = 409
+    code = "conflict"
+
+
+class InvalidRequest(StockadeError):
+    """A request body or parameter that is not acceptable (HTTP 400)."""
+
+    http_status = 400
+    code = "invalid-request"
+
+
 class HierarchyConflict(StockadeError):
     """The object would move a stored study or series to another patient or study."""
 

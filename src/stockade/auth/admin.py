@@ -13,6 +13,7 @@ from stockade.audit.events import Actor, AuditEvent, UserChanged
 from stockade.auth.passwords import generate_password
 from stockade.auth.roles import Role
 from stockade.auth.users import Token, User, UserStore
+from stockade.errors import Conflict
 from stockade.query import Scope
 
 
@@ -69,6 +70,26 @@ class Accounts:
         """Disable or enable a user."""
         self.users.set_disabled(name, disabled)
         self._changed(actor, name, "disable" if disabled else "enable")
+
+    def set_role(self, name: str, role: Role, actor: Actor) -> None:
+        """Give a user another role; the last enabled administrator keeps the admin role.
+
+        Raises
+        ------
+        Conflict
+            *name* is the last enabled administrator and *role* is not ``admin``.
+        """
+        user = self.users.get(name)
+        if user.role is Role.ADMIN and role is not Role.ADMIN:
+            others = [
+                u
+                for u in self.users.list()
+                if u.role is Role.ADMIN and not u.disabled and u.name != name
+            ]
+            if not others:
+                raise Conflict(f"{name} is the last administrator; add another one first")
+        self.users.set_role(name, role)
+        self._changed(actor, name, "role", f"{user.role.value} -> {role.value}")
 
     def set_scope(self, name: str, scope: Scope | None, actor: Actor) -> None:
         """Limit a user to studies and patients, or lift the limit."""

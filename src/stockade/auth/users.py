@@ -252,6 +252,12 @@ class UserStore:
         with self.engine.begin() as conn:
             conn.execute(update(users).where(users.c.id == user.id).values(disabled=int(disabled)))
 
+    def set_role(self, name: str, role: Role) -> None:
+        """Give a user another role (it applies from the user's next request)."""
+        user = self.get(name)
+        with self.engine.begin() as conn:
+            conn.execute(update(users).where(users.c.id == user.id).values(role=role.value))
+
     def set_scope(self, name: str, scope: Scope | None) -> None:
         """Limit a user to some studies and patients (None: everything)."""
         user = self.get(name)

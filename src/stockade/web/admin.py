@@ -57,7 +57,14 @@ from stockade.auth.roles import Permission, Role
 from stockade.auth.service import Principal, require
 from stockade.auth.users import User
 from stockade.dicom.uids import ae_title_problem
-from stockade.errors import ConfigError, NotFound, StockadeError
+from stockade.errors import (
+    ConfigError,
+    Conflict,
+    InvalidQuery,
+    InvalidRequest,
+    NotFound,
+    StockadeError,
+)
 from stockade.index.base import Node
 from stockade.index.schema import instances
 from stockade.security.posture import assess
@@ -86,20 +93,6 @@ _NODE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 T = TypeVar("T")
-
-
-class InvalidRequest(StockadeError):
-    """A request body or parameter that is not acceptable (HTTP 400)."""
-
-    http_status = 400
-    code = "invalid-request"
-
-
-class Conflict(StockadeError):
-    """The change conflicts with what exists (HTTP 409)."""
-
-    http_status = 409
-    code = "conflict"
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -330,6 +323,24 @@ async def users_password(request: Request) -> Response:
     await _run(
         lambda: archive.accounts.set_password(name, password, actor, must_change=must_change)
     )
+    return _json(user_json(await run_in_threadpool(archive.users.get, name)))
+
+
+async def users_role(request: Request) -> Response:
+    """``POST /api/admin/users/{name}/role`` with ``{"role": ...}``: give a user another role
+    (not one's own; the last administrator stays one)."""
+    principal = _authorised(request, Permission.ADMIN)
+    name = request.path_params["name"]
+    data = await body_of(request)
+    wanted = text_field(data, "role", size=32)
+    try:
+        role = Role(wanted)
+    except ValueError:
+        raise InvalidQuery(f"{wanted[:32]!r} is not a role") from None
+    if name == principal.user:
+        raise Conflict("you cannot change your own role")
+    archive, actor = archive_of(request), actor_of(request)
+    await _run(lambda: archive.accounts.set_role(name, role, actor))
     return _json(user_json(await run_in_threadpool(archive.users.get, name)))
 
 
@@ -633,6 +644,7 @@ ROUTES: list[BaseRoute] = [
     Route(f"{PREFIX}/users", users_list, methods=["GET"]),
     Route(f"{PREFIX}/users", users_add, methods=["POST"]),
     Route(f"{PREFIX}/users/{{name}}/password", users_password, methods=["POST"]),
+    Route(f"{PREFIX}/users/{{name}}/role", users_role, methods=["POST"]),
     Route(f"{PREFIX}/users/{{name}}/disable", _disabler(True), methods=["POST"]),
     Route(f"{PREFIX}/users/{{name}}/enable", _disabler(False), methods=["POST"]),
     Route(f"{PREFIX}/nodes", nodes_list, methods=["GET"]),

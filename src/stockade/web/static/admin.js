@@ -123,7 +123,29 @@ loaders.users = async () => {
     const row = document.createElement("tr");
     row.dataset.user = user.name;
     cell(row, user.name);
-    cell(row, user.role);
+    const roleCell = cell(row, "");
+    const role = document.createElement("select");
+    role.className = "role";
+    role.setAttribute("aria-label", `Role of ${user.name}`);
+    for (const name of data.roles) {
+      const option = text(document.createElement("option"), name);
+      option.value = name;
+      option.selected = name === user.role;
+      role.append(option);
+    }
+    role.addEventListener("change", async () => {
+      const wanted = role.value;
+      if (!(await confirmAction(`Make ${user.name} ${wanted} (was ${user.role})?`))) {
+        role.value = user.role;
+        return;
+      }
+      await act(
+        () => api(`/users/${encodeURIComponent(user.name)}/role`, { method: "POST", json: { role: wanted } }),
+        `${user.name} is now ${wanted}`,
+      );
+      loaders.users();
+    });
+    roleCell.append(role);
     const state = user.disabled ? "disabled" : user.locked_until ? `locked until ${user.locked_until}` : "active";
     cell(row, state + (user.scoped ? ", limited to some studies" : ""));
     cell(row, user.must_change ? "must be changed" : "set");
