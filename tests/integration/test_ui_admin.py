@@ -215,8 +215,22 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
     find(By.ID, "user-must-change").click()  # off: rad1 signs in without changing it
     find(By.ID, "user-add").click()
     cells = _cells(wait, '#user-table tr[data-user="rad1"]')
-    assert cells[:4] == ["rad1", "radiologist", "active", "set"]
+    assert [cells[0], *cells[2:4]] == ["rad1", "active", "set"]
+    role = '#user-table tr[data-user="rad1"] select.role'
+    assert Select(find(By.CSS_SELECTOR, role)).first_selected_option.text == "radiologist"
     assert [r["target"] for r in server.audit() if r["type"] == "UserChanged"][-1] == "rad1"
+    # rad1 becomes a technologist, after the confirmation
+    Select(find(By.CSS_SELECTOR, role)).select_by_value("technologist")
+    wait.until(lambda d: d.find_element(By.ID, "confirm").is_displayed())
+    assert "technologist" in find(By.ID, "confirm-text").text
+    find(By.ID, "confirm-ok").click()
+    wait.until(lambda d: "rad1 is now technologist" in d.find_element(By.ID, "message").text)
+    changed = [r for r in server.audit() if r["type"] == "UserChanged"][-1]
+    assert (changed["target"], changed["action"], changed["detail"]) == (
+        "rad1",
+        "role",
+        "radiologist -> technologist",
+    )
     shot(driver, "23-admin-users")
 
     # a polyglot held in quarantine: inspected, then deleted after the confirmation
