@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from stockade.archive import SERVICES, Archive, Peer
-from stockade.audit.events import InstanceRejected, SecurityAlert
+from stockade.audit.events import InstanceRejected, InstanceStored, SecurityAlert
 from stockade.audit.sink import MemoryAuditSink
 from stockade.dicom.inspect import Kind
 from stockade.dicom.part10 import read_part10
@@ -22,8 +23,9 @@ from stockade.errors import (
     NotAuthorized,
     ObjectTooLarge,
     Quarantined,
+    StockadeError,
 )
-from stockade.index.base import Outcome
+from stockade.index.base import InstanceRecord, Outcome, Recorded
 from stockade.index.sql import SqlIndex
 from stockade.ingest import Origin
 from stockade.security.policy import Action, Policy
@@ -119,6 +121,45 @@ def test_duplicate_conflict_and_replacement(archive: Archive, settings: object) 
     assert archive.store_file(part10(ds), IMPORT).outcome is Outcome.REPLACED
     assert _stored_file(archive, ds.SOPInstanceUID) != first
     assert len(list(archive.store.keys())) == 1  # the old blob is gone
+    assert archive.verify().ok
+
+
+def test_prepared_files_are_recorded_together(archive: Archive, audit: MemoryAuditSink) -> None:
+    """Steps 1-4 stage without recording; finish records a batch in one call to the index,
+    in order, and a refusal (here a conflict with an earlier file of the same batch)
+    touches only its own file."""
+    ds = make_dataset()
+    other = make_dataset(StudyInstanceUID=ds.StudyInstanceUID)
+    first = part10(ds)
+    ds.PatientName = "Changed^Name"
+    conflicting = part10(ds)
+    prepared = [archive.prepare_file(f, IMPORT) for f in (first, part10(other), first, conflicting)]
+    assert archive.counts()["instances"] == 0  # nothing recorded, nothing acknowledged
+    calls = []
+    record_all = archive.index.record_all
+
+    def counted(
+        records: Sequence[InstanceRecord], *, allow_replace: bool
+    ) -> list[Recorded | StockadeError]:
+        calls.append(len(records))
+        return record_all(records, allow_replace=allow_replace)
+
+    archive.index.record_all = counted  # type: ignore[method-assign]
+    results = archive.finish_files(prepared)
+    assert calls == [4]
+    assert [getattr(r, "outcome", None) for r in results[:3]] == [
+        Outcome.STORED,
+        Outcome.STORED,
+        Outcome.DUPLICATE,
+    ]
+    assert isinstance(results[3], DuplicateConflict)
+    assert archive.counts()["instances"] == 2
+    kept = _stored_file(archive, ds.SOPInstanceUID)
+    assert kept.endswith(first[read_part10(first).dataset_offset :])  # not the conflicting one
+    assert len(list(archive.store.keys())) == 2
+    stored = [e for e in audit.events if isinstance(e, InstanceStored)]
+    assert [e.result for e in stored] == ["stored", "stored", "duplicate"]
+    assert len([e for e in audit.events if isinstance(e, InstanceRejected)]) == 1
     assert archive.verify().ok
 
 

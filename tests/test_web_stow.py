@@ -116,6 +116,27 @@ def test_all_stored_is_200_and_a_duplicate_is_a_success(
     assert archive.counts()["instances"] == 2
 
 
+def test_parts_of_one_request_are_recorded_in_order(client: TestClient, archive: Archive) -> None:
+    """Parts of one request share index transactions: a repeated part is a duplicate of the
+    first, a changed copy conflicts with it and fails alone, and the answer keeps the order
+    of the parts."""
+    ds = make_dataset()
+    others = [make_dataset(StudyInstanceUID=ds.StudyInstanceUID) for _ in range(6)]
+    raw = part10(ds)
+    ds.PatientName = "Changed^Name"
+    parts = [raw, *map(part10, others[:3]), raw, part10(ds), *map(part10, others[3:])]
+    response = post(client, multipart(parts))
+    assert response.status_code == 202, response.text
+    body = response.json()
+    referenced = [values(item, SOP_INSTANCE)[0] for item in body[REFERENCED]["Value"]]
+    uids = [o.SOPInstanceUID for o in others]
+    assert referenced == [ds.SOPInstanceUID, *uids[:3], ds.SOPInstanceUID, *uids[3:]]
+    (failed,) = body[FAILED]["Value"]
+    assert values(failed, SOP_INSTANCE) == [ds.SOPInstanceUID]
+    assert values(failed, FAILURE_REASON) == [0x0111]
+    assert archive.counts()["instances"] == 7
+
+
 def test_study_mismatch_is_refused_before_storing(
     client: TestClient, archive: Archive, audit: MemoryAuditSink
 ) -> None:

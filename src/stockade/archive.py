@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -51,7 +51,7 @@ from stockade.errors import (
     TooManyMatches,
 )
 from stockade.index.base import Index, Node, StoredInstance
-from stockade.ingest import Buffer, Ingest, Origin, Receiving, StoreResult
+from stockade.ingest import Buffer, Ingest, Origin, Prepared, Receiving, StoreResult
 from stockade.query import Found, Scope, build
 from stockade.retrieve import Retrieval, refused, retrieve_query
 from stockade.security.quarantine import QuarantineEntry
@@ -283,6 +283,17 @@ class Archive:
     def store_file(self, data: Buffer, origin: Origin) -> StoreResult:
         """Store a Part 10 file (import, and later upload and STOW-RS)."""
         return self.ingest.from_file(data, origin)
+
+    def prepare_file(self, data: Buffer, origin: Origin) -> Prepared:
+        """Check and stage a Part 10 file durably without recording it yet (a refusal is
+        raised, and audited); :meth:`finish_files` then records several at once (STOW-RS:
+        the parts of one request share index transactions). Not acknowledged before."""
+        return self.ingest.prepare_file(data, origin)
+
+    def finish_files(self, prepared: Sequence[Prepared]) -> list[StoreResult | StockadeError]:
+        """Record, publish and audit prepared files (see :meth:`Ingest.finish`): each
+        result is the stored instance or the error that refused it."""
+        return self.ingest.finish(prepared)
 
     # -- querying --------------------------------------------------------------------------
 

@@ -14,16 +14,27 @@ Steps, in order (architecture, "one ingest pipeline"):
 5. record it in the index in one transaction (the staged blob is dropped if that fails);
 6. publish the blob (rename + fsync);
 7. audit, and only then report success.
+
+Steps 1 to 4 are :meth:`Ingest.prepare_file` and steps 5 to 7 :meth:`Ingest.finish`, so that
+a caller holding several objects (the parts of one STOW-RS request) records them in one
+index transaction and one audit append; nothing is acknowledged before :meth:`Ingest.finish`
+returned its result.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from stockade.audit.events import Actor, InstanceRejected, InstanceStored, SecurityAlert
+from stockade.audit.events import (
+    Actor,
+    AuditEvent,
+    InstanceRejected,
+    InstanceStored,
+    SecurityAlert,
+)
 from stockade.audit.sink import AuditSink
 from stockade.dicom.attributes import WANTED_TAGS, extract
 from stockade.dicom.examine import check_pixels, examine, file_findings
@@ -42,11 +53,11 @@ from stockade.errors import (
     StockadeError,
     StorageFailure,
 )
-from stockade.index.base import Index, InstanceRecord, Outcome
+from stockade.index.base import Index, InstanceRecord, Outcome, Recorded
 from stockade.security.policy import Action, Policy, Verdict, parse_actions
 from stockade.security.quarantine import Quarantine, QuarantineEntry
 from stockade.settings import Settings
-from stockade.storage.base import BlobStore, StagingWriter
+from stockade.storage.base import BlobStore, Staged, StagingWriter
 
 log = logging.getLogger(__name__)
 Buffer = bytes | bytearray | memoryview
@@ -95,6 +106,33 @@ class Receiving:
         self.writer.abort()
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An object through steps 1 to 4: checked, judged and staged durably (or, for a
+    C-STORE staged while it arrived, with its fsync running). Not in the index and not
+    acknowledged: :meth:`Ingest.finish` records, publishes and audits it. Holds no
+    reference to the received bytes."""
+
+    record: InstanceRecord
+    staged: Staged
+    attrs: dict[str, str | int | None]
+    verdict: Verdict
+    origin: Origin
+    preamble_kind: PreambleKind
+    warnings: tuple[str, ...]
+    stripped: bool
+    #: The writer of a C-STORE staged while it arrived, when its index row carries a
+    #: staging journal entry (the blob's fsync may still be running).
+    receiving: Receiving | None = None
+    #: The SOP Instance UID named in the audit record of a refusal.
+    refused_uid: str | None = None
+
+    @property
+    def sop_instance_uid(self) -> str:
+        """The SOP Instance UID of the data set."""
+        return str(self.attrs["SOPInstanceUID"])
+
+
 def _source_ae(origin: Origin) -> str | None:
     return origin.ae_title if origin.ae_title and len(origin.ae_title) <= 16 else None
 
@@ -135,7 +173,7 @@ class Ingest:
         asked for it. It is finished or dropped here, whatever the outcome.
         """
 
-        def run() -> StoreResult:
+        def run() -> Prepared:
             if dropped:
                 raise ObjectTooLarge(
                     f"data set exceeds max_object_size ({self.settings.max_object_size} bytes)"
@@ -154,7 +192,7 @@ class Ingest:
                 )
             if receiving is not None:
                 receiving.writer.start_sync()  # durable while the data set is checked
-            return self._ingest(
+            return self._prepare(
                 dataset,
                 transfer_syntax,
                 PreambleKind.NONE,
@@ -162,10 +200,11 @@ class Ingest:
                 sop_instance_uid,
                 origin,
                 receiving,
+                refused_uid=sop_instance_uid,
             )
 
         try:
-            return self._guarded(run, origin, sop_instance_uid)
+            return self._one(self._guarded(run, origin, sop_instance_uid))
         finally:
             if receiving is not None:
                 receiving.writer.abort()  # a no-op once it became the staged blob
@@ -196,8 +235,21 @@ class Ingest:
         """Store a DICOM Part 10 file (PS3.10 7.1) read from media, a folder, a ZIP or a
         STOW-RS part. *release*: an administrator released it from quarantine, so findings
         that would quarantine or reject it only alert (strips still apply)."""
+        return self._one(self.prepare_file(data, origin, release=release))
 
-        def run() -> StoreResult:
+    def prepare_file(self, data: Buffer, origin: Origin, *, release: bool = False) -> Prepared:
+        """Steps 1 to 4 of :meth:`from_file`: check, judge and stage a Part 10 file durably.
+        Nothing is acknowledged until :meth:`finish` has recorded it; a prepared object
+        that is never finished is removed with its process's staging folder (or by
+        recovery after a crash).
+
+        Raises
+        ------
+        StockadeError
+            The file is refused (audited here, like every refusal).
+        """
+
+        def run() -> Prepared:
             if len(data) > self.settings.max_object_size:
                 raise ObjectTooLarge(
                     f"file of {len(data)} bytes exceeds max_object_size "
@@ -210,7 +262,7 @@ class Ingest:
                 if kind is PreambleKind.TIFF and self.settings.keep_tiff_preamble
                 else None
             )
-            return self._ingest(
+            return self._prepare(
                 memoryview(data)[part10.dataset_offset :],
                 part10.transfer_syntax,
                 kind,
@@ -264,20 +316,21 @@ class Ingest:
             },
         )
 
-    def _alert(
-        self,
+    @staticmethod
+    def _alerts(
         verdict: Verdict,
         attrs: dict[str, str | int | None],
         origin: Origin,
         entry: QuarantineEntry | None,
-    ) -> None:
+    ) -> list[AuditEvent]:
         """One Security Alert audit event per finding (PS3.15 A.5.3.11)."""
         sop = attrs.get("SOPInstanceUID")
         study = attrs.get("StudyInstanceUID")
         patient = attrs.get("PatientID")
+        events: list[AuditEvent] = []
         for decision in verdict.decisions:
             finding = decision.finding
-            self.audit.emit(
+            events.append(
                 SecurityAlert(
                     actor=origin.actor(),
                     outcome="success" if decision.action is Action.ALERT else "failure",
@@ -291,26 +344,26 @@ class Ingest:
                     patient_id=None if patient is None else str(patient)[:64],
                 )
             )
+        return events
 
     def _guarded(
-        self, run: Callable[[], StoreResult], origin: Origin, sop_uid: str | None
-    ) -> StoreResult:
-        """Run one ingest; audit a refusal (one record per refused object) and re-raise."""
+        self, run: Callable[[], Prepared], origin: Origin, sop_uid: str | None
+    ) -> Prepared:
+        """Run steps 1 to 4; audit a refusal (one record per refused object) and re-raise."""
         try:
             return run()
         except StockadeError as exc:
-            self.audit.emit(
-                InstanceRejected(
-                    actor=origin.actor(),
-                    outcome="failure",
-                    reason=exc.reason,
-                    code=exc.code,
-                    sop_instance_uid=sop_uid if sop_uid and not uid_problem(sop_uid) else None,
-                )
-            )
+            self.audit.emit(_rejected(exc, origin, sop_uid))
             raise
 
-    def _ingest(
+    def _one(self, prepared: Prepared) -> StoreResult:
+        """Finish one prepared object; raise its refusal."""
+        result = self.finish([prepared])[0]
+        if isinstance(result, StockadeError):
+            raise result
+        return result
+
+    def _prepare(
         self,
         dataset: Buffer,
         ts_uid: str,
@@ -324,7 +377,8 @@ class Ingest:
         original: Buffer | None = None,
         preamble: bytes | None = None,
         release: bool = False,
-    ) -> StoreResult:
+        refused_uid: str | None = None,
+    ) -> Prepared:
         settings = self.settings
         if len(dataset) > settings.max_object_size:
             raise ObjectTooLarge(
@@ -362,7 +416,7 @@ class Ingest:
                     ]
                 )
                 entry = self._hold(kept, verdict, attrs, ts_uid, origin)
-            self._alert(verdict, attrs, origin, entry)
+            self.audit.emit_many(self._alerts(verdict, attrs, origin, entry))
             if entry is not None:
                 raise Quarantined(
                     f"held in quarantine as {entry.id} for review: {verdict.summary()}"
@@ -444,21 +498,84 @@ class Ingest:
             received_at=datetime.now(UTC),
             staging=journal,
         )
-        # 5. index, in one transaction; 6. publish
+        return Prepared(
+            record=record,
+            staged=staged,
+            attrs=attrs,
+            verdict=verdict,
+            origin=origin,
+            preamble_kind=preamble_kind,
+            warnings=tuple(warnings),
+            stripped=bool(stripped),
+            receiving=receiving if journal is not None else None,
+            refused_uid=refused_uid,
+        )
+
+    def finish(self, prepared: Sequence[Prepared]) -> list[StoreResult | StockadeError]:
+        """Steps 5 to 7 for prepared objects, in order: one index transaction for all of
+        them (each in its own savepoint, so a refusal touches only its object), then each
+        blob is published, then one audit append for all. Returns each object's result or
+        the error that refused it (audited); only now may the sender be answered."""
+        items = list(prepared)
+        if not items:
+            return []
         try:
-            recorded = self.index.record(record, allow_replace=settings.allow_replace)
+            # 5. index, in one transaction
+            recorded = self.index.record_all(
+                [p.record for p in items], allow_replace=self.settings.allow_replace
+            )
         except BaseException:
-            if journal is not None and receiving is not None:
-                receiving.writer.abort()
-            else:
-                self.store.discard(staged)
+            for item in items:
+                self._drop(item)
             raise
-        if journal is not None and receiving is not None:
+        results: list[StoreResult | StockadeError] = []
+        events: list[AuditEvent] = []
+        for item, outcome in zip(items, recorded, strict=True):
             try:
-                staged = receiving.writer.finish()
+                if isinstance(outcome, StockadeError):
+                    self._drop(item)
+                    raise outcome
+                results.append(self._publish(item, outcome))  # 6. publish
+            except StockadeError as exc:
+                events.append(_rejected(exc, item.origin, item.refused_uid))
+                results.append(exc)
+                continue
+            # 7. audit, then success
+            events.append(
+                InstanceStored(
+                    actor=item.origin.actor(),
+                    study_uid=str(item.attrs["StudyInstanceUID"]),
+                    sop_instance_uid=item.sop_instance_uid,
+                    sop_class_uid=str(item.attrs["SOPClassUID"]),
+                    patient_id=item.record.text("PatientID"),
+                    result=outcome.outcome.value,
+                    preamble=item.preamble_kind.value,
+                )
+            )
+            events += self._alerts(item.verdict, item.attrs, item.origin, None)
+            if item.warnings:
+                log.warning(
+                    "stored %s with warnings: %s", item.sop_instance_uid, "; ".join(item.warnings)
+                )
+        self.audit.emit_many(events)
+        return results
+
+    def _drop(self, item: Prepared) -> None:
+        """Remove the staged blob of an object that was not recorded."""
+        if item.receiving is not None:
+            item.receiving.writer.abort()
+        else:
+            self.store.discard(item.staged)
+
+    def _publish(self, item: Prepared, recorded: Recorded) -> StoreResult:
+        """Step 6 for an object the index recorded."""
+        staged = item.staged
+        if item.receiving is not None:
+            try:
+                staged = item.receiving.writer.finish()
             except StorageFailure:
                 if recorded.outcome is Outcome.STORED:
-                    self.index.forget_instance(sop_instance)
+                    self.index.forget_instance(item.sop_instance_uid)
                 raise
         if recorded.outcome is Outcome.DUPLICATE and self.store.exists(staged.key):
             self.store.discard(staged)
@@ -466,33 +583,27 @@ class Ingest:
             # Also for a duplicate whose blob is not published yet (its writer died or is
             # still between its commit and its rename): our bytes are identical.
             self.store.commit(staged)
-        if journal is not None and recorded.outcome is Outcome.STORED:
+        if item.receiving is not None and recorded.outcome is Outcome.STORED:
             self.index.published(staged.token)
         if recorded.replaced_blob_key:
             self.store.delete(recorded.replaced_blob_key)
             self.index.forget_deletion(recorded.replaced_blob_key)
-
-        # 7. audit, then success
-        actor = origin.actor()
-        self.audit.emit(
-            InstanceStored(
-                actor=actor,
-                study_uid=str(attrs["StudyInstanceUID"]),
-                sop_instance_uid=sop_instance,
-                sop_class_uid=sop_class,
-                patient_id=record.text("PatientID"),
-                result=recorded.outcome.value,
-                preamble=preamble_kind.value,
-            )
-        )
-        self._alert(verdict, attrs, origin, None)
-        if warnings:
-            log.warning("stored %s with warnings: %s", sop_instance, "; ".join(warnings))
         return StoreResult(
             recorded.outcome,
-            sop_instance,
-            sop_class,
-            str(attrs["StudyInstanceUID"]),
-            tuple(warnings),
-            discarded=bool(stripped),
+            item.sop_instance_uid,
+            str(item.attrs["SOPClassUID"]),
+            str(item.attrs["StudyInstanceUID"]),
+            item.warnings,
+            discarded=item.stripped,
         )
+
+
+def _rejected(exc: StockadeError, origin: Origin, sop_uid: str | None) -> InstanceRejected:
+    """The audit record of a refused object."""
+    return InstanceRejected(
+        actor=origin.actor(),
+        outcome="failure",
+        reason=exc.reason,
+        code=exc.code,
+        sop_instance_uid=sop_uid if sop_uid and not uid_problem(sop_uid) else None,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 from stockade.audit.events import AuditEvent
@@ -13,6 +14,9 @@ class AuditSink(Protocol):
 
     def emit(self, event: AuditEvent) -> None:
         """Record one event."""
+
+    def emit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Record several events, in order (one write where the sink can)."""
 
     def close(self) -> None:
         """Flush and release."""
@@ -39,6 +43,11 @@ class MemoryAuditSink:
         """Keep the event."""
         with self._lock:
             self.events.append(event)
+
+    def emit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Keep the events."""
+        with self._lock:
+            self.events.extend(events)
 
     def close(self) -> None:
         """Nothing to release."""

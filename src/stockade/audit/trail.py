@@ -208,11 +208,18 @@ class AuditTrail:
         """Append *event*; returns once it is committed (or, if the database fails, kept
         to be written with the next append). Never raises for a database failure: the
         operation the event describes has happened already."""
-        pending = _Pending(bounded(event.as_record()))
+        self.emit_many([event])
+
+    def emit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Append *events* in order, in one transaction with whatever else is queued; as
+        :meth:`emit`."""
+        batch = [_Pending(bounded(event.as_record())) for event in events]
+        if not batch:
+            return
         with self._queue_lock:
-            self._queue.append(pending)
+            self._queue.extend(batch)
         with self._flush_lock:
-            if not pending.done:
+            if not all(pending.done for pending in batch):
                 self._flush()
 
     def _flush(self) -> None:

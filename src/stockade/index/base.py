@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -12,6 +12,8 @@ from stockade.query import Found, Query
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from stockade.errors import StockadeError
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,12 @@ class Index(Protocol):
 
     def record(self, record: InstanceRecord, *, allow_replace: bool) -> Recorded:
         """Record an instance with its patient, study and series, in one transaction."""
+
+    def record_all(
+        self, records: Sequence[InstanceRecord], *, allow_replace: bool
+    ) -> list[Recorded | StockadeError]:
+        """Record several instances, each with its parents, sharing transactions: each
+        result is the instance's :class:`Recorded` or the error that refused it alone."""
 
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         """The stored instance with this SOP Instance UID, if any."""

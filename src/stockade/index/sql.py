@@ -19,7 +19,7 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 
-from stockade.errors import ConfigError, IndexFailure
+from stockade.errors import ConfigError, IndexFailure, StockadeError
 from stockade.index.base import InstanceRecord, JournalEntry, Node, Recorded, StoredInstance
 from stockade.index.query import STORED_COLUMNS, find, locate
 from stockade.index.record import InstanceWriter, Ticket
@@ -201,20 +201,36 @@ class SqlIndex:
             The database failed.
         """
         ticket = Ticket(record, allow_replace)
+        self._group([ticket])
+        return ticket.outcome()
+
+    def record_all(
+        self, records: Sequence[InstanceRecord], *, allow_replace: bool
+    ) -> list[Recorded | StockadeError]:
+        """Record several instances, in order, in the group commit (usually one transaction
+        for all of them, each in its own savepoint); durable on return. Each result is the
+        instance's :class:`Recorded` or the error that refused it alone (as :meth:`record`
+        raises it)."""
+        tickets = [Ticket(record, allow_replace) for record in records]
+        if tickets:
+            self._group(tickets)
+        return [ticket.error or ticket.outcome() for ticket in tickets]
+
+    def _group(self, tickets: list[Ticket]) -> None:
+        """Group commit of *tickets*: the thread that gets the write lock records every
+        instance queued by this process's threads so far, in one transaction; the others
+        find theirs done. Durable on return."""
         with self._queue_lock:
-            self._queue.append(ticket)
-        # Group commit: the thread that gets the write lock records every instance queued
-        # by this process's threads so far, in one transaction; the others find theirs done.
+            self._queue.extend(tickets)
         with self._thread_lock:
-            if not ticket.done:
+            if not all(ticket.done for ticket in tickets):
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                     published, self._published = self._published, []
                 with self._process_lock:
                     self._instances.record_batch(batch, published)
-        # Outside the locks: whoever committed our instance, it is durable after this.
+        # Outside the locks: whoever committed our instances, they are durable after this.
         self._sync_wal()
-        return ticket.outcome()
 
     def record_many(self, records: list[InstanceRecord]) -> list[Recorded]:
         """Record several instances in one transaction (a savepoint each), e.g. to load an

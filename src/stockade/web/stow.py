@@ -11,10 +11,14 @@ read, a body that grows past it is cut off with 413, each part is kept up to
 ``max_object_size``, at most :data:`~stockade.web.multipart.MAX_PARTS` parts. Each part, once
 complete, is a Part 10 file (PS3.10 7.1; one that starts directly with its File Meta
 Information, as pydicom writes a data set without a preamble, is given the zero preamble and
-``DICM`` first: see :func:`add_missing_preamble`) that goes through the one ingest pipeline,
-:meth:`Archive.store_file <stockade.archive.Archive.store_file>`, in a worker thread; the stored
-copy gets a zero preamble and Stockade's own File Meta (SR-20). A part is never stored twice;
-storing an instance already held (same bytes) is a success.
+``DICM`` first: see :func:`add_missing_preamble`) that goes through the one ingest pipeline
+in two steps (:class:`_Parts`): :meth:`Archive.prepare_file
+<stockade.archive.Archive.prepare_file>` checks and stages it durably in a worker thread while
+the next parts arrive, and :meth:`Archive.finish_files <stockade.archive.Archive.finish_files>`
+records the parts staged so far together (one index transaction with a savepoint per part, one
+fdatasync, one audit append), publishes and audits them. The stored copy gets a zero preamble
+and Stockade's own File Meta (SR-20). A part is never stored twice; storing an instance
+already held (same bytes, also earlier in the same request) is a success.
 
 On ``/studies/{study}`` each part's Study Instance UID is read (File Meta, then a bounded
 :func:`~stockade.dicom.parse.scan` of the data set, as ingest does) *before* it is stored; an
@@ -83,7 +87,7 @@ from stockade.errors import (
     ObjectTooLarge,
     StockadeError,
 )
-from stockade.ingest import Origin
+from stockade.ingest import Origin, Prepared
 from stockade.web.app import BASE, PROBLEM, actor_of, archive_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE, RETRIEVE_URL, tag_hex
 from stockade.web.encoding import BadEncoding, check_coding, decoded
@@ -264,9 +268,12 @@ def add_missing_preamble(data: bytearray) -> None:
         data[0:0] = ZERO_PREAMBLE + PREFIX
 
 
-def store_part(archive: Archive, data: bytearray, origin: Origin, study: str | None) -> Outcome:
-    """Store one complete part (runs in a worker thread): check the study of the URL first,
-    then the one ingest pipeline."""
+def prepare_part(
+    archive: Archive, data: bytearray, origin: Origin, study: str | None
+) -> Prepared | Outcome:
+    """Check one complete part against the study of the URL, then run it through steps 1
+    to 4 of the one ingest pipeline (checked and staged durably, not recorded yet); runs in
+    a worker thread. A refused part comes back as its :class:`Outcome`."""
     add_missing_preamble(data)
     known = Identity()
     try:
@@ -282,7 +289,7 @@ def store_part(archive: Archive, data: bytearray, origin: Origin, study: str | N
                     f"study instance UID mismatch: the instance belongs to study "
                     f"{_valid(known.study) or '(invalid or missing)'}, not {study} of the URL"
                 )
-        result = archive.store_file(data, origin)
+        return archive.prepare_file(data, origin)
     except StudyMismatch as exc:
         archive.audit(
             InstanceRejected(
@@ -301,8 +308,28 @@ def store_part(archive: Archive, data: bytearray, origin: Origin, study: str | N
             except StockadeError:
                 known = _meta_identity(data)
         return Outcome(known, False, [exc.reason], exc.dimse_status, exc.code)
-    identity = Identity(result.sop_class_uid, result.sop_instance_uid, result.study_instance_uid)
-    return Outcome(identity, True, list(result.warnings), code=result.outcome.value)
+
+
+def finish_parts(archive: Archive, prepared: list[Prepared]) -> list[Outcome]:
+    """Record, publish and audit prepared parts together (one index transaction, one
+    audit append); runs in a worker thread. Their outcomes, in order."""
+    outcomes = []
+    for item, result in zip(prepared, archive.finish_files(prepared), strict=True):
+        if isinstance(result, StockadeError):
+            attrs = item.attrs
+            known = Identity(
+                _text(attrs.get("SOPClassUID")),
+                _text(attrs.get("SOPInstanceUID")),
+                _text(attrs.get("StudyInstanceUID")),
+            )
+            reasons = [result.reason]
+            outcomes.append(Outcome(known, False, reasons, result.dimse_status, result.code))
+            continue
+        identity = Identity(
+            result.sop_class_uid, result.sop_instance_uid, result.study_instance_uid
+        )
+        outcomes.append(Outcome(identity, True, list(result.warnings), code=result.outcome.value))
+    return outcomes
 
 
 def _meta_identity(data: bytearray) -> Identity:
@@ -444,6 +471,88 @@ def base_url(request: Request) -> str:
     return str(url).rstrip("/") + BASE
 
 
+class _Parts:
+    """The parts of one STOW-RS request on their way through ingest, in order.
+
+    Each complete part is checked and staged (:func:`prepare_part`) in a worker thread while
+    the next ones arrive, at most :data:`STORE_AHEAD` parts and :data:`STORE_AHEAD_BYTES`
+    at once; its bytes are let go once it is staged. Staged parts are recorded together
+    (:func:`finish_parts`): whenever no recording of this request is running, every part
+    staged so far goes into the next one, so the index transactions and audit appends of a
+    request are as few as the arrival of its parts allows, and overlap with it. Nothing is
+    answered before :meth:`finish` has recorded every part (PS3.18 10.5: the response
+    follows the whole request).
+    """
+
+    def __init__(self, archive: Archive, origin: Origin, study: str | None) -> None:
+        self.archive, self.origin, self.study = archive, origin, study
+        self.outcomes: list[Outcome | None] = []
+        self.staging: deque[tuple[int, asyncio.Future[Prepared | Outcome], int]] = deque()
+        self.held = 0
+        self.staged: list[tuple[int, Prepared]] = []
+        self.recording: asyncio.Future[None] | None = None
+
+    def add_outcome(self, outcome: Outcome) -> None:
+        """A part refused before ingest."""
+        self.outcomes.append(outcome)
+
+    async def add(self, body: bytearray) -> None:
+        """Start staging a complete part (waits while too many are being staged)."""
+        await self._collect(STORE_AHEAD, len(body))
+        slot = len(self.outcomes)
+        self.outcomes.append(None)
+        future = asyncio.ensure_future(
+            run_in_threadpool(prepare_part, self.archive, body, self.origin, self.study)
+        )
+        self.staging.append((slot, future, len(body)))
+        self.held += len(body)
+        self._record()
+
+    async def _collect(self, room: int, size: int) -> None:
+        """Take staged parts off the front, waiting until fewer than *room* parts and
+        ``STORE_AHEAD_BYTES - size`` bytes are being staged."""
+        while self.staging:
+            slot, future, length = self.staging[0]
+            if not future.done() and not (
+                len(self.staging) >= room or self.held + size > STORE_AHEAD_BYTES
+            ):
+                break
+            result = await asyncio.shield(future)  # a part being staged is not given up
+            self.staging.popleft()
+            self.held -= length
+            if isinstance(result, Outcome):
+                self.outcomes[slot] = result
+            else:
+                self.staged.append((slot, result))
+        self._record()
+
+    def _record(self) -> None:
+        """Start recording what is staged, unless a recording of this request runs."""
+        if self.recording is not None:
+            if not self.recording.done():
+                return
+            previous, self.recording = self.recording, None
+            previous.result()  # raise what went wrong
+        if self.staged:
+            batch, self.staged = self.staged, []
+            self.recording = asyncio.ensure_future(self._finish(batch))
+
+    async def _finish(self, batch: list[tuple[int, Prepared]]) -> None:
+        done = await run_in_threadpool(finish_parts, self.archive, [p for _, p in batch])
+        for (slot, _prepared), outcome in zip(batch, done, strict=True):
+            self.outcomes[slot] = outcome
+
+    async def finish(self) -> list[Outcome]:
+        """Wait until every part is staged and recorded; the outcomes, in order (parts
+        whose staging or recording was cut short by an error are left out)."""
+        while self.staging or self.staged or self.recording is not None:
+            if self.recording is not None:
+                recording, self.recording = self.recording, None
+                await asyncio.shield(recording)
+            await self._collect(1, 0)  # waits for every part being staged
+        return [o for o in self.outcomes if o is not None]
+
+
 async def store(request: Request) -> Response:
     """``POST /studies[/{study}]``: store the instances of a multipart request (PS3.18
     10.5), one part at a time as the body arrives."""
@@ -458,47 +567,26 @@ async def store(request: Request) -> Response:
     actor = actor_of(request)  # the authenticated user is recorded as the sender
     origin = Origin(via="web", address=actor.address, user=actor.user)
     parser = MultipartParser(boundary, max_part_size=settings.max_object_size, keep=_keep)
-    outcomes: list[Outcome] = []
-    # Parts are stored while the next ones arrive, a few at once (their fsyncs and index
-    # commits then overlap: group commit), in order; at most STORE_AHEAD parts and
-    # STORE_AHEAD_BYTES of them are held.
-    pending: deque[tuple[asyncio.Future[Outcome], int]] = deque()
-    held = 0
-
-    async def settle(room: int, size: int) -> None:
-        nonlocal held
-        while pending and (len(pending) >= room or held + size > STORE_AHEAD_BYTES):
-            future, length = pending.popleft()
-            outcomes.append(await future)
-            held -= length
-
+    parts = _Parts(archive, origin, study)
     try:
         stream = decoded(
             request.stream(), request.headers.get("content-encoding"), settings.http_max_body_size
         )
-        parts = read_parts(stream, parser, settings.http_max_body_size)
-        async with aclosing(parts):
-            async for part in parts:
+        received = read_parts(stream, parser, settings.http_max_body_size)
+        async with aclosing(received):
+            async for part in received:
                 refused = _refused(part, settings.max_object_size)
                 if refused is not None:
-                    await settle(1, 0)
-                    outcomes.append(refused)
+                    parts.add_outcome(refused)
                     continue
                 body, part.body = part.body, bytearray()
-                await settle(STORE_AHEAD, len(body))
-                future = asyncio.ensure_future(
-                    run_in_threadpool(store_part, archive, body, origin, study)
-                )
-                pending.append((future, len(body)))
-                held += len(body)
+                await parts.add(body)
                 del body
-        await settle(1, 0)
+        outcomes = await parts.finish()
     except (MalformedMultipart, ObjectTooLarge, BadEncoding) as exc:
-        await settle(1, 0)
-        return _stopped(exc, outcomes)
+        return _stopped(exc, await parts.finish())
     finally:
-        for unfinished, _length in pending:  # the client went away: let the stores finish
-            await asyncio.shield(unfinished)
+        await parts.finish()  # the client went away: the parts received are still stored
     if not outcomes:
         raise MalformedMultipart("the request carries no instances")
     base = base_url(request)
