@@ -9,6 +9,7 @@ as one streamed multipart answer while the HTTP process's resident memory is sam
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -204,14 +205,18 @@ def http_child(server: StockadeServer) -> int:
 
 def test_a_500_mb_study_streams_in_flat_memory(tmp_path: Path) -> None:
     """About 500 MB (240 CT images of 1024 x 1024 x 16 bits) in one answer: the HTTP
-    process's resident memory grows by less than 100 MB (one instance at a time)."""
+    process's resident memory grows by less than 100 MB (one instance at a time).
+
+    ``STOCKADE_TEST_STREAM_IMAGES=480`` makes it a 1 GB study (how the figure in
+    ``docs/conformance/dicomweb.md`` was measured; the suite keeps 240 for time)."""
     require_dcmtk("echoscu")
+    count = int(os.environ.get("STOCKADE_TEST_STREAM_IMAGES", "240"))
     server = StockadeServer(tmp_path)
-    files = write_ct_series(tmp_path / "src", 240, size=1024, patient_id="BIG-1")
+    files = write_ct_series(tmp_path / "src", count, size=1024, patient_id="BIG-1")
     store_files(server, list(files.values()))
     study = str(pydicom.dcmread(next(iter(files.values()))).StudyInstanceUID)
     total_stored = sum(p.stat().st_size for p in files.values())
-    assert total_stored > 500_000_000
+    assert total_stored > count * 2_097_152
     server.start()
     try:
         wait_http(server)
@@ -258,7 +263,7 @@ def test_a_500_mb_study_streams_in_flat_memory(tmp_path: Path) -> None:
             f"HTTP process RSS {baseline / 1024:.0f} MB -> peak {peak / 1024:.0f} MB "
             f"(+{growth_mb:.0f} MB)"
         )
-        assert parts == 240
+        assert parts == count
         assert received > total_stored
         assert growth_mb < 100
     finally:
