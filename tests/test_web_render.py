@@ -301,12 +301,66 @@ def test_bad_and_unknown_uids(archive: Archive, client: TestClient) -> None:
     _problem(client.get(_url(missing, "/thumbnail")), 404)
 
 
-def test_study_and_series_rendered_are_refused(archive: Archive, client: TestClient) -> None:
-    ds = _store_file(archive, "MR_small.dcm")
-    study = f"/dicomweb/studies/{ds.StudyInstanceUID}"
-    body = _problem(client.get(f"{study}/rendered"), 406)
-    assert "multipart" in str(body["detail"])
-    _problem(client.get(f"{study}/series/{ds.SeriesInstanceUID}/rendered"), 406)
+def _parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related answer: (headers, body)."""
+    boundary = response.headers["content-type"].split("boundary=")[1].strip('"')
+    chunks = response.content.split(f"--{boundary}".encode())
+    assert chunks[0] == b"" and chunks[-1] == b"--\r\n"
+    out = []
+    for chunk in chunks[1:-1]:
+        head, _, body = chunk[2:].partition(b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        assert body.endswith(b"\r\n")
+        out.append(({k.lower(): v for k, v in fields.items()}, body[:-2]))
+    return out
+
+
+def test_study_and_series_rendered_as_multipart(
+    archive: Archive, client: TestClient, audit: MemoryAuditSink
+) -> None:
+    study = generate_uid()
+    series = [generate_uid(), generate_uid()]
+    made = []
+    for n, (s, rows) in enumerate([(0, 8), (0, 16), (1, 12)]):
+        ds = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series[s], Rows=rows)
+        ds.Columns = rows
+        ds.InstanceNumber = n + 1
+        ds.PixelData = (np.arange(rows * rows, dtype=np.uint16) * (n + 1)).tobytes()
+        made.append(_store(archive, ds))
+    report = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series[0])
+    del report.PixelData  # nothing to render: left out, counted as failed
+    _store(archive, report)
+    audit.events.clear()
+
+    answer = client.get(
+        f"/dicomweb/studies/{study}/rendered",
+        headers={"Accept": 'multipart/related; type="image/png"'},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith('multipart/related; type="image/png"')
+    parts = _parts(answer)
+    by_location = {h["content-location"]: body for h, body in parts}
+    assert len(parts) == 3 and all(h["content-type"] == "image/png" for h, _ in parts)
+    for ds in made:  # each part is the instance's own rendered image, byte for byte
+        single = client.get(_url(ds), headers={"Accept": "image/png"})
+        assert by_location[_url(ds)] == single.content
+    record = next(e for e in audit.events if isinstance(e, InstancesRetrieved))
+    assert (record.completed, record.failed) == (3, 1)
+
+    one = client.get(f"/dicomweb/studies/{study}/series/{series[1]}/rendered?quality=90")
+    jpegs = _parts(one)
+    assert [h["content-location"] for h, _ in jpegs] == [_url(made[2])]
+    assert jpegs[0][0]["content-type"] == "image/jpeg" and jpegs[0][1][:2] == b"\xff\xd8"
+
+    alone = make_dataset()
+    del alone.PixelData
+    _store(archive, alone)
+    body = _problem(client.get(f"/dicomweb/studies/{alone.StudyInstanceUID}/rendered"), 406)
+    assert "can be rendered" in str(body["detail"])
+    _problem(client.get(f"/dicomweb/studies/{generate_uid()}/rendered"), 404)
+    _problem(
+        client.get(f"/dicomweb/studies/{study}/rendered", headers={"Accept": "text/html"}), 406
+    )
 
 
 def test_an_object_without_pixel_data_is_406(archive: Archive, client: TestClient) -> None:

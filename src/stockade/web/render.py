@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
@@ -327,8 +327,9 @@ _RENDERED_PARAMS = frozenset({"window", "viewport", "quality", "annotation", "ch
 _THUMBNAIL_PARAMS = frozenset({"viewport", "charset", "accept"})
 
 
-def rendered_options(request: Request, frame: int) -> RenderOptions:
-    """The :class:`RenderOptions` of a rendered request (PS3.18 8.3.5.1).
+def rendered_options(request: Request, frame: int, *, parts: bool = False) -> RenderOptions:
+    """The :class:`RenderOptions` of a rendered request (PS3.18 8.3.5.1); with *parts*, the
+    media type of the parts of a multipart answer (a rendered study or series).
 
     Raises
     ------
@@ -338,7 +339,8 @@ def rendered_options(request: Request, frame: int) -> RenderOptions:
         No acceptable media type.
     """
     params = _params(request, _RENDERED_PARAMS)
-    media = choose_media_type(single(params, "accept") or request.headers.get("accept"))
+    accept = single(params, "accept") or request.headers.get("accept")
+    media = choose_media_type(_part_accept(accept) if parts else accept)
     window = single(params, "window")
     viewport = single(params, "viewport")
     quality = single(params, "quality")
@@ -755,13 +757,98 @@ async def rendered_instance(request: Request) -> Response:
     return response
 
 
+def _part_accept(accept: str | None) -> str | None:
+    """``multipart/related; type="image/png"`` ranges as ``image/png`` (the media type of
+    the parts of a rendered study or series, PS3.18 8.7.4); other ranges as they are."""
+    if accept is None:
+        return None
+    out = []
+    for item in accept.split(",")[:32]:
+        fields = [f.strip() for f in item.split(";")]
+        if fields[0].lower() == "multipart/related":
+            kind = next(
+                (
+                    f.partition("=")[2].strip().strip('"')
+                    for f in fields[1:]
+                    if f.partition("=")[0].strip().lower() == "type"
+                ),
+                "image/*",
+            )
+            rest = [f for f in fields[1:] if f.partition("=")[0].strip().lower() == "q"]
+            out.append(";".join([kind, *rest]))
+        else:
+            out.append(item)
+    return ",".join(out)
+
+
 async def rendered_collection(request: Request) -> Response:
-    """``/studies/{study}/rendered`` and ``.../series/{series}/rendered``: refused (406)."""
-    path_uids(request)
-    raise CannotTranscode(
-        "a rendered study or series would be a multipart of images, which is not produced "
-        "here; ask for .../instances/{instance}/rendered or .../thumbnail"
+    """``/studies/{study}/rendered`` and ``.../series/{series}/rendered`` (PS3.18 10.4.1.1.3):
+    every instance that renders, as ``multipart/related`` of rendered images (JPEG by
+    default, PNG or GIF on request; ``window``, ``viewport``, ``quality`` apply to each),
+    one part per instance (its first frame) with the instance's ``rendered`` URL as
+    ``Content-Location``, streamed one instance at a time.
+
+    Instances that cannot be rendered (no pixel data, too large) are left out and counted
+    as failed in the audit record; when none renders the answer is 406.
+    """
+    from stockade.web.wado import _Multipart, _RetrievalStream
+
+    values = path_uids(request)
+    options = rendered_options(request, 1, parts=True)
+    archive = archive_of(request)
+    retrieval = await run_in_threadpool(
+        lambda: archive.retrieve(
+            _level(values),
+            dict(values),
+            service="wado",
+            actor=actor_of(request),
+            scope=scope_of(request),
+        )
     )
+    base = str(request.url.path).rsplit("/rendered", 1)[0]
+    instances = retrieval.instances
+
+    async def render_next(start: int) -> tuple[int, bytes] | None:
+        """The index and image of the first instance from *start* that renders."""
+        for i in range(start, len(instances)):
+            try:
+                image = await run_in_threadpool(render_instance, retrieval, instances[i], options)
+            except DecodeFailure:
+                raise  # a crash or timeout of the decoder: the answer ends here
+            except StockadeError:
+                continue  # counted as failed by render_instance
+            return i, image
+        return None
+
+    try:
+        if not instances:
+            raise NotFound("no such series or study is stored")
+        first = await render_next(0)
+        if first is None:
+            raise CannotTranscode("no instance of this study or series can be rendered")
+    except BaseException:
+        retrieval.finish()
+        raise
+    multipart = _Multipart(options.media_type)
+
+    def part(i: int, image: bytes) -> bytes:
+        inst = instances[i]
+        location = (
+            f"{base}/series/{inst.series_instance_uid}/instances/{inst.sop_instance_uid}/rendered"
+            if "/series/" not in base
+            else f"{base}/instances/{inst.sop_instance_uid}/rendered"
+        )
+        return multipart.head(options.media_type, len(image), location) + image + b"\r\n"
+
+    async def stream() -> AsyncIterator[bytes]:
+        found: tuple[int, bytes] | None = first
+        while found is not None:
+            i, image = found
+            yield part(i, image)
+            found = await render_next(i + 1)
+        yield multipart.end()
+
+    return _RetrievalStream(stream(), retrieval, multipart.content_type)
 
 
 async def thumbnail(request: Request) -> Response:
