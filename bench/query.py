@@ -15,6 +15,12 @@ fresh UIDs) is written as small Part 10 files without pixel data, stored into De
 Orthanc with DCMTK ``storescu``, and the same queries are timed against it with the same
 client.
 
+With ``--study-list`` the QIDO-RS requests of the web application's study list are timed
+too: pages of 25 (``limit=26``) with the study description, the counts and the modalities
+as ``includefield``, unfiltered (the first page and one deep in the list) and with the
+filters below. ``--instances-per-series 1`` makes 100,000 studies out of 200,000
+instances.
+
 Queries (Study Root, STUDY level), as in docs/benchmarks.md:
 
 - ``PatientID``: one patient's ID, exact;
@@ -35,7 +41,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -77,7 +83,7 @@ def study_date(patient: int, study: int) -> str:
     return (FIRST_DAY + timedelta(days=day)).strftime("%Y%m%d")
 
 
-def records(patients: int) -> Iterator[InstanceRecord]:
+def records(patients: int, per_series: int = INSTANCES_PER_SERIES) -> Iterator[InstanceRecord]:
     """The synthetic archive, instance by instance."""
     now = datetime.now(UTC)
     for p in range(patients):
@@ -85,7 +91,7 @@ def records(patients: int) -> Iterator[InstanceRecord]:
             study = generate_uid()
             for _se in range(SERIES_PER_STUDY):
                 series = generate_uid()
-                for i in range(INSTANCES_PER_SERIES):
+                for i in range(per_series):
                     sop = generate_uid()
                     yield InstanceRecord(
                         attributes={
@@ -112,13 +118,14 @@ def records(patients: int) -> Iterator[InstanceRecord]:
                     )
 
 
-def fill(url: str, instances: int) -> float:
+def fill(url: str, instances: int, per_series: int = INSTANCES_PER_SERIES) -> float:
     """Fill an empty index; return the seconds it took."""
     index = SqlIndex(url)
     index.migrate()
     started = time.monotonic()
     batch: list[InstanceRecord] = []
-    for record in records(instances // PER_PATIENT):
+    per_patient = STUDIES_PER_PATIENT * SERIES_PER_STUDY * per_series
+    for record in records(instances // per_patient, per_series):
         batch.append(record)
         if len(batch) == 500:
             index.record_many(batch)
@@ -277,8 +284,29 @@ def measure(
     return statistics.median(times[2:]), matches
 
 
+#: What the study list of the web application asks with every search (``studies.js``).
+STUDY_LIST = {
+    "fuzzymatching": "false",
+    "includefield": ["00081030", "00201206", "00201208", "00080061"],
+    "limit": "26",
+}
+
+
+def study_list_queries(patients: int) -> list[tuple[str, dict[str, object], int]]:
+    """(name, parameters, expected results) of study-list pages."""
+    studies = patients * STUDIES_PER_PATIENT
+    deep = max(0, studies // 2 - 26)
+    out: list[tuple[str, dict[str, object], int]] = [
+        ("list, first page", dict(STUDY_LIST), min(26, studies)),
+        (f"list, offset {deep:,}", {**STUDY_LIST, "offset": str(deep)}, min(26, studies - deep)),
+    ]
+    for name, keys, expected in queries(patients):
+        out.append((f"list, {name}", {**STUDY_LIST, **keys}, min(26, expected)))
+    return out
+
+
 def measure_qido(
-    http_port: int, keys: dict[str, str], repeats: int, headers: dict[str, str]
+    http_port: int, keys: Mapping[str, object], repeats: int, headers: dict[str, str]
 ) -> tuple[float, int]:
     """Median milliseconds per QIDO-RS study search on one kept-alive HTTP connection (the
     same keys as the C-FIND; the default return keys), and the number of results."""
@@ -289,7 +317,7 @@ def measure_qido(
     with httpx.Client(timeout=60, headers=headers) as client:
         for _ in range(repeats + 2):  # two warm-up requests
             started = time.perf_counter()
-            response = client.get(url, params=keys)
+            response = client.get(url, params=keys)  # type: ignore[arg-type]
             body = response.json()
             times.append((time.perf_counter() - started) * 1000)
             if response.status_code != 200:
@@ -380,8 +408,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--orthanc", action="store_true", help="also time the same queries against Orthanc"
     )
+    parser.add_argument(
+        "--study-list", action="store_true", help="also time the web study list's requests"
+    )
+    parser.add_argument(
+        "--instances-per-series",
+        type=int,
+        default=INSTANCES_PER_SERIES,
+        help="instances in each series (1: 100,000 studies from 200,000 instances)",
+    )
     args = parser.parse_args(argv)
-    patients = args.instances // PER_PATIENT
+    per_patient = STUDIES_PER_PATIENT * SERIES_PER_STUDY * args.instances_per_series
+    patients = args.instances // per_patient
     folder = WORK / "query" / ("postgresql" if args.database_url else "sqlite")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -390,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             url = stack.enter_context(_fresh_schema(args.database_url))
         else:
             url = f"sqlite:///{folder / 'index.sqlite3'}"
-        seconds = fill(url, args.instances)
+        seconds = fill(url, args.instances, args.instances_per_series)
         where = url.split("?")[0]
-        print(f"filled {patients * PER_PATIENT} instances in {seconds:.1f} s ({where})")
+        print(f"filled {patients * per_patient} instances in {seconds:.1f} s ({where})")
         port, http_port = free_port(), free_port()
         env = {
             "STOCKADE_DATA_DIR": str(folder / "data"),
@@ -426,6 +464,15 @@ def main(argv: list[str] | None = None) -> int:
             flag = "" if matches == expected else f" (expected {expected})"
             ok = ok and matches == expected
             print(f"| {name} | {matches}{flag} | {median:.1f} |")
+        if args.study_list:
+            studies = patients * STUDIES_PER_PATIENT
+            print(f"| study list ({studies:,} studies) | results | median ms |")
+            print("|---|---:|---:|")
+            for name, params, expected in study_list_queries(patients):
+                median, matches = measure_qido(http_port, params, args.repeats, auth)
+                flag = "" if matches == expected else f" (expected {expected})"
+                ok = ok and matches == expected
+                print(f"| {name} | {matches}{flag} | {median:.1f} |")
     if args.orthanc:
         ok = run_orthanc(folder, args.instances, args.repeats) and ok
     return 0 if ok else 1
