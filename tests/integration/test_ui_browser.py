@@ -61,6 +61,8 @@ def test_sign_in_search_and_hostile_text_shown_literally(
     wait.until(lambda d: d.current_url.endswith("/ui/"))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#studies tbody tr")) == 25)
     assert find(By.ID, "who").text == "rad1 (radiologist)"
+    assert find(By.ID, "upload-link").is_displayed()  # a radiologist may upload
+    assert not find(By.ID, "admin-link").is_displayed()  # but not administer
     assert find(By.ID, "page").text == "studies 1-25"
     shot(driver, "02-study-list")
     find(By.ID, "next").click()

@@ -119,5 +119,8 @@ const me = await call("/auth/me");
 if (me.ok) {
   const who = await me.json();
   document.getElementById("who").textContent = `${who.user} (${who.role})`;
+  const may = new Set(who.permissions || []);
+  document.getElementById("upload-link").hidden = !may.has("upload");
+  document.getElementById("admin-link").hidden = !may.has("admin");
   search();
 }
