@@ -209,6 +209,32 @@ def test_scroll_window_measure_and_colour(
     assert after != before
     shot(driver, "32-viewer-window-level")
 
+    # Touch: a two-finger pinch zooms about its middle (Chrome's touch input, as a tablet's).
+    box = canvas.rect
+    mid_x, mid_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+    def touch(kind: str, spread: float) -> None:
+        points = (
+            []
+            if kind == "touchEnd"
+            else [
+                {"x": mid_x - spread, "y": mid_y, "id": 1},
+                {"x": mid_x + spread, "y": mid_y, "id": 2},
+            ]
+        )
+        driver.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
+
+    scale_before = geometry()[0]
+    touch("touchStart", 50)
+    for spread in (60, 75, 100):
+        touch("touchMove", spread)
+    touch("touchEnd", 0)
+    wait.until(lambda d: geometry()[0] > scale_before * 1.5)
+    assert geometry()[0] == pytest.approx(scale_before * 2, rel=0.05)  # fingers 100 -> 200 px
+    shot(driver, "32-viewer-pinched")
+    driver.find_element(By.ID, "fit").click()
+    wait.until(lambda d: geometry()[0] == pytest.approx(scale_before))
+
     # A length of 176 pixels along a row: 88 mm with 0.5 mm spacing.
     driver.find_element(By.CSS_SELECTOR, "[data-tool=length]").click()
     drag(on_screen(40, 128), on_screen(216, 128))
