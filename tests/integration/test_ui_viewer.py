@@ -83,6 +83,27 @@ def colour_image(study: str) -> Dataset:
     return ds
 
 
+def multiframe(study: str) -> Dataset:
+    """A MONOCHROME1 multi-frame image: 4 frames of 32 x 32, frame k uniformly k * 100."""
+    frames = np.stack([np.full((32, 32), k * 100, dtype=np.uint16) for k in range(1, 5)])
+    ds = make_dataset(
+        StudyInstanceUID=study,
+        PatientName="VIEWER^TEST",
+        PatientID="VIEW-1",
+        Modality="XA",
+        Rows=32,
+        Columns=32,
+        PhotometricInterpretation="MONOCHROME1",
+        PixelData=frames.tobytes(),
+    )
+    ds.NumberOfFrames = 4
+    ds.SeriesNumber = 3
+    ds.SeriesDescription = "multi-frame"
+    ds.WindowCenter = 250
+    ds.WindowWidth = 300
+    return ds
+
+
 def linear_voi(x: float, center: float, width: float) -> int:
     """PS3.3 C.11.2.1.2.1, to 0..255."""
     if x <= center - 0.5 - (width - 1) / 2:
@@ -123,7 +144,12 @@ def test_scroll_window_measure_and_colour(
     password = secrets.token_urlsafe(18)
     server.user("rad1", "radiologist", password)
     study, series = generate_uid(), generate_uid()
-    stow(server, *(ct_slice(study, series, n) for n in range(1, 21)), colour_image(study))
+    stow(
+        server,
+        *(ct_slice(study, series, n) for n in range(1, 21)),
+        colour_image(study),
+        multiframe(study),
+    )
 
     driver = browser
     wait = WebDriverWait(driver, 30)
@@ -265,6 +291,23 @@ def test_scroll_window_measure_and_colour(
     assert red[0] > 200 and red[2] < 50, red
     assert blue[2] > 200 and blue[0] < 50, blue
     shot(driver, "34-viewer-colour")
+
+    # The multi-frame MONOCHROME1 series: frames are scrolled; white is low.
+    driver.find_element(By.CSS_SELECTOR, "#strip button:nth-child(3)").click()
+    shows("data-count", "4")
+    shows("data-preview", "false")
+    shows("data-loading", "false")
+    centre = on_screen(16, 16)
+    for frame in (1, 2):
+        value = frame * 100
+        wait.until(
+            lambda d, v=value: (
+                canvas_pixel(d, f"{vp} canvas", *centre)[:3] == [255 - linear_voi(v, 250, 300)] * 3
+            )
+        )
+        assert f"fr {frame}/4" in driver.find_element(By.CSS_SELECTOR, f"{vp} .corner.bl").text
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_DOWN)
+    shot(driver, "34-viewer-multiframe")
 
     # The attribute panel shows the hostile description as text.
     driver.find_element(By.ID, "tags").click()
