@@ -87,3 +87,37 @@ def test_archive_query_is_audited(archive: Archive, audit: MemoryAuditSink) -> N
     ]
     assert events[0].keys == {"PatientID": "A*"} and events[0].actor.ae_title == "WORKSTATION"
     assert events[2].reason and "date" in events[2].reason
+
+
+def test_results_sorted_by_keys_across_pages(archive: Archive) -> None:
+    made = [
+        ("P3", "zeta^anna", "20240105"),
+        ("P1", "Alpha^Bob", "20240301"),
+        ("P4", "beta^carl", "20231231"),
+        ("P2", "ALPHA^ann", "20240301"),
+        ("P5", "Gamma^Dora", ""),
+    ]
+    for pid, name, day in made:
+        ds = make_dataset(PatientID=pid, PatientName=name, StudyDate=day)
+        archive.store_file(part10(ds), Origin(via="import"))
+
+    def ids(order: list[tuple[str, bool]], **page: int) -> list[str]:
+        found = archive.query(Level.STUDY, {"PatientID": ""}, order=order, **page)
+        return [str(r["PatientID"]) for r in found.rows]
+
+    # newest first; a tie (P1, P2: the same day) keeps storage order; no date sorts last
+    assert ids([("StudyDate", True)]) == ["P1", "P2", "P3", "P4", "P5"]
+    assert ids([("StudyDate", False)]) == ["P4", "P3", "P1", "P2", "P5"]
+    # names case-insensitively, then the second key decides
+    assert ids([("PatientName", False), ("PatientID", True)]) == ["P2", "P1", "P4", "P5", "P3"]
+    # pages follow the order
+    pages = [ids([("StudyDate", True)], limit=2, offset=o) for o in (0, 2, 4)]
+    assert pages == [["P1", "P2"], ["P3", "P4"], ["P5"]]
+    for bad in (
+        [("SeriesNumber", False)],  # below the study level
+        [("SOPInstanceUID", False)],  # not sortable
+        [("Nonsense", True)],
+        [("StudyDate", True)] * 5,  # too many keys
+    ):
+        with pytest.raises(InvalidQuery):
+            archive.query(Level.STUDY, {}, order=bad)

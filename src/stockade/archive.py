@@ -308,6 +308,7 @@ class Archive:
         limit: int | None = None,
         offset: int = 0,
         scope: Scope | None = None,
+        order: Iterable[tuple[str, bool]] = (),
     ) -> Found:
         """Find entities at *level* whose attributes match *values* (PS3.4 C.2.2.2).
 
@@ -337,6 +338,7 @@ class Archive:
                 offset=offset,
                 case_sensitive_names=self.settings.query_case_sensitive_names,
                 scope=scope,
+                order=order,
             )
             found = self.index.find(query)
         except StockadeError as exc:

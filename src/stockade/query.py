@@ -85,6 +85,34 @@ class Query:
     offset: int = 0
     case_sensitive_names: bool = False
     scope: Scope | None = None
+    #: Sort keys, most significant first: (keyword, descending). Empty: storage order.
+    order: tuple[tuple[str, bool], ...] = ()
+
+
+#: Keywords results may be sorted by (QIDO-RS ``orderby``, a Stockade extension; C-FIND
+#: answers in storage order).
+ORDERABLE = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyDescription",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "SeriesNumber",
+        "SeriesDate",
+        "SeriesTime",
+        "Modality",
+        "SeriesDescription",
+        "NumberOfSeriesRelatedInstances",
+        "InstanceNumber",
+    }
+)
+MAX_ORDER_KEYS = 4
 
 
 @dataclass(frozen=True)
@@ -104,8 +132,12 @@ def build(
     offset: int = 0,
     case_sensitive_names: bool = False,
     scope: Scope | None = None,
+    order: Iterable[tuple[str, bool]] = (),
 ) -> Query:
     """A :class:`Query` from text values per keyword (an empty value means "return it").
+
+    *order* sorts the results by keywords of :data:`ORDERABLE` at or above *level*
+    (``(keyword, descending)``, most significant first); ties keep storage order.
 
     Every key with a value becomes a condition; every key named, with or without a value,
     is returned, together with the unique keys of the query level and the levels above.
@@ -121,6 +153,13 @@ def build(
     if limit < 0 or offset < 0:
         raise InvalidQuery("limit and offset must not be negative")
     allowed = at_or_above(level)
+    sort = tuple(order)
+    if len(sort) > MAX_ORDER_KEYS:
+        raise InvalidQuery(f"at most {MAX_ORDER_KEYS} sort keys")
+    for keyword, _ in sort:
+        known = KEYS.get(keyword)
+        if keyword not in ORDERABLE or known is None or known.level not in allowed:
+            raise InvalidQuery(f"results at the {level} level cannot be sorted by {keyword[:64]!r}")
     conditions = []
     returned: list[str] = [UNIQUE[lv] for lv in LEVEL_ORDER if lv in allowed]
     for keyword, raw in values.items():
@@ -140,5 +179,12 @@ def build(
         if key is not None and key.level in allowed and keyword not in returned:
             returned.append(keyword)
     return Query(
-        level, tuple(conditions), tuple(returned), limit, offset, case_sensitive_names, scope
+        level,
+        tuple(conditions),
+        tuple(returned),
+        limit,
+        offset,
+        case_sensitive_names,
+        scope,
+        sort,
     )

@@ -222,6 +222,16 @@ def locate(conn: Connection, query: Query) -> list[StoredInstance]:
     return [StoredInstance(*row) for row in conn.execute(stmt)]
 
 
+def _sort(query: Query) -> list[ColumnElement[Any]]:
+    """The ORDER BY terms of *query*'s sort keys (names by their case-folded key); a missing
+    value sorts last either way, on both databases."""
+    out: list[ColumnElement[Any]] = []
+    for keyword, descending in query.order:
+        column = _NAME_KEYS.get(keyword, _COLUMNS[keyword])
+        out.append((column.desc() if descending else column.asc()).nulls_last())
+    return out
+
+
 def find(conn: Connection, query: Query) -> Found:
     """Run *query*; at most ``query.limit`` rows after ``query.offset``, in storage order.
 
@@ -236,7 +246,7 @@ def find(conn: Connection, query: Query) -> Found:
         select(*(_COLUMNS[k].label(k) for k in names))
         .select_from(_from(query.level))
         .where(*(_condition(c, query) for c in query.conditions), *_scoped(query, query.level))
-        .order_by(_ROOT[query.level].c.id)
+        .order_by(*_sort(query), _ROOT[query.level].c.id)
         .limit(query.limit + 1)
         .offset(query.offset)
     )
