@@ -207,10 +207,11 @@ def dicomweb_routes() -> list[BaseRoute]:
 
 #: Media types per service, for the capabilities document.
 MEDIA_TYPES = {
-    "QIDO-RS": ["application/dicom+json"],
+    "QIDO-RS": ["application/dicom+json", 'multipart/related; type="application/dicom+xml"'],
     "WADO-RS": [
         'multipart/related; type="application/dicom"',
         "application/dicom+json",
+        'multipart/related; type="application/dicom+xml"',
         'multipart/related; type="application/octet-stream"',
         "image/jpeg",
         "image/png",

@@ -9,6 +9,13 @@ case-insensitively (``query_case_sensitive_names``). Results are built from the 
 by opening files. A ``limit`` over the maximum page (``query_max_results``) is lowered to it,
 and a ``Warning: 299`` header says so; when more results exist beyond the page, another
 ``Warning: 299`` header says that too (PS3.18 8.3.4.2).
+
+The answer is ``application/dicom+json`` (PS3.18 Annex F), the default and the answer to
+``*/*``, or, when the ``Accept`` header asks for it first, ``multipart/related;
+type="application/dicom+xml"`` (PS3.18 8.7.3.2, 10.6.3): one Native DICOM Model part per
+match (PS3.19 A.1), converted from the same JSON by :mod:`stockade.web.dicomxml`, or 204
+when nothing matches (a multipart body cannot be empty; the JSON answer stays ``[]`` with
+200). An ``Accept`` header that allows neither is answered 406 before the query runs.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from stockade.dicom.attributes import Level
 from stockade.dicom.uids import uid_problem
 from stockade.errors import InvalidQuery
 from stockade.query import KEYS, KEYS_BY_TAG, at_or_above
+from stockade.web import dicomxml
 from stockade.web.app import BASE, actor_of, archive_of, scope_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE, RETRIEVE_URL, row_to_json, tag_hex
+from stockade.web.wado import NotAcceptable, parse_accept
 
 #: Attributes returned by default per level (PS3.18 Table 10.6.3-3 to 10.6.3-5), as far as
 #: the index holds them.
@@ -163,6 +172,12 @@ def _search(level: Level, with_study_keys: bool = False) -> Any:
         for name, value in request.query_params.multi_items():
             params.setdefault(name, []).append(value)
         values, include, limit, offset = parse(params, level, fixed)
+        media = dicomxml.negotiate(parse_accept(request.headers.get("accept")))
+        if media is None:
+            raise NotAcceptable(
+                f"search results are given as {JSON_MEDIA_TYPE} or as "
+                f"{dicomxml.MULTIPART_XML} (PS3.18 8.7.3.2)"
+            )
         archive = archive_of(request)
         cap = archive.settings.query_max_results
         warnings = []
@@ -192,8 +207,19 @@ def _search(level: Level, with_study_keys: bool = False) -> Any:
             body.append(dict(sorted(item.items())))
         if found.more:
             warnings.append('299 stockade "There are additional results that can be requested"')
+        if media == JSON_MEDIA_TYPE:
+            content_type, answer = JSON_MEDIA_TYPE, json.dumps(body).encode()
+        else:
+            documents = [dicomxml.to_xml(item) for item in body]
+            replaced = sum(d.replaced for d in documents)
+            if replaced:
+                warnings.append(dicomxml.replaced_warning(replaced))
+            if not documents:  # no part: 204 (PS3.18 10.6.3.1), a multipart needs one
+                headers = {"Warning": ", ".join(warnings)} if warnings else None
+                return Response(status_code=204, headers=headers)
+            content_type, answer = dicomxml.multipart(d.body for d in documents)
         headers = {"Warning": ", ".join(warnings)} if warnings else None
-        return Response(json.dumps(body), media_type=JSON_MEDIA_TYPE, headers=headers)
+        return Response(answer, media_type=content_type, headers=headers)
 
     return endpoint
 

@@ -10,7 +10,8 @@ Resources, relative to the DICOMweb base:
   being sent, so that a study is never held in memory whole.
 * ``.../metadata`` at the three levels: ``application/dicom+json`` (PS3.18 10.4.1.1.2,
   Annex F), bulk data as ``BulkDataURI`` (:mod:`stockade.web.metadata`), per series cached
-  by :meth:`stockade.archive.Archive.metadata`.
+  by :meth:`stockade.archive.Archive.metadata`; or ``multipart/related;
+  type="application/dicom+xml"`` converted from it (:mod:`stockade.web.dicomxml`).
 * ``.../instances/{instance}/frames/{list}`` (PS3.18 10.4.1.1.3): the frames (1-based,
   comma-separated) as ``multipart/related; type="application/octet-stream"``, uncompressed
   (Explicit VR Little Endian byte order; compressed pixel data is decoded), or, when the
@@ -35,6 +36,7 @@ audit record, and logged (the status line is already sent).
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -69,7 +71,7 @@ from stockade.errors import (
     StockadeError,
 )
 from stockade.retrieve import Retrieval
-from stockade.web import metadata
+from stockade.web import dicomxml, metadata
 from stockade.web.app import BASE, actor_of, archive_of, path_uids, scope_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE
 
@@ -396,21 +398,36 @@ async def _retrieve(request: Request) -> Response:
 # -- metadata (PS3.18 10.4.1.1.2) ------------------------------------------------------------
 
 
-def _accepts_json(ranges: Sequence[MediaRange]) -> bool:
-    return any(
-        r.media in ("*/*", "application/*", JSON_MEDIA_TYPE, "application/json") for r in ranges
-    )
+def _metadata_media(ranges: Sequence[MediaRange]) -> str:
+    """The media type of a metadata answer (PS3.18 8.7.3.2), by :func:`dicomxml.negotiate`.
+
+    Raises
+    ------
+    NotAcceptable
+        The ``Accept`` header allows neither DICOM JSON nor DICOM XML.
+    """
+    media = dicomxml.negotiate(ranges)
+    if media is None:
+        raise NotAcceptable(
+            f"metadata is given as {JSON_MEDIA_TYPE} or as {dicomxml.MULTIPART_XML} "
+            "(PS3.18 8.7.3.2)"
+        )
+    return media
 
 
 async def _metadata(request: Request) -> Response:
-    """GET the metadata of a study, series or instance (PS3.18 10.4.1.1.2)."""
+    """GET the metadata of a study, series or instance (PS3.18 10.4.1.1.2).
+
+    As DICOM JSON (the cached per-series JSON with absolute BulkDataURIs), or as
+    ``multipart/related; type="application/dicom+xml"`` with one Native DICOM Model part per
+    instance (PS3.19 A.1), converted from that same JSON by :mod:`stockade.web.dicomxml`.
+    """
     values: dict[str, str | None] = dict(path_uids(request))
     level = _level(values)
-    if not _accepts_json(parse_accept(request.headers.get("accept"))):
-        raise NotAcceptable(f"metadata is given as {JSON_MEDIA_TYPE} only (PS3.18 8.7.3.2)")
+    media = _metadata_media(parse_accept(request.headers.get("accept")))
     archive = archive_of(request)
 
-    def work() -> bytes:
+    def work() -> tuple[str | None, bytes, dict[str, str] | None]:
         try:
             body = archive.metadata(
                 level,
@@ -421,10 +438,21 @@ async def _metadata(request: Request) -> Response:
             )
         except NotFound:
             raise _not_found(level, values) from None
-        return metadata.absolute(body, _base(request))
+        body = metadata.absolute(body, _base(request))
+        if media == JSON_MEDIA_TYPE:
+            return JSON_MEDIA_TYPE, body, None
+        documents = [dicomxml.to_xml(instance) for instance in json.loads(body)]
+        replaced = sum(d.replaced for d in documents)
+        headers = {"Warning": dicomxml.replaced_warning(replaced)} if replaced else None
+        if not documents:  # every instance failed to read: no part to send
+            return None, b"", headers
+        content_type, answer = dicomxml.multipart(d.body for d in documents)
+        return content_type, answer, headers
 
-    body = await run_in_threadpool(work)
-    return Response(body, media_type=JSON_MEDIA_TYPE)
+    content_type, body, headers = await run_in_threadpool(work)
+    if content_type is None:
+        return Response(status_code=204, headers=headers)
+    return Response(body, media_type=content_type, headers=headers)
 
 
 # -- frames and bulk data (PS3.18 10.4.1.1.3, 10.4.1.1.5) -----------------------------------
