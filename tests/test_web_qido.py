@@ -149,3 +149,27 @@ def test_cors_origins_setting_is_validated() -> None:
         with pytest.raises(ConfigError, match="http_cors_origins"):
             load(environ={}, overrides={"http_cors_origins": bad})
     assert load(environ={}, overrides={"http_cors_origins": "https://a.example:8443"})
+
+
+def test_orderby_sorts_every_page(archive: Archive) -> None:
+    days = ["20240103", "20240301", "20231120", "20240215", "20240101"]
+    for i, day in enumerate(days):
+        ds = make_dataset(PatientID=f"P{i}", PatientName=f"NAME^{'EDCBA'[i]}", StudyDate=day)
+        archive.store_file(part10(ds), Origin(via="import"))
+    client = authed(TestClient(create_app(archive)), archive, "radiologist")
+
+    def dates(**params: str) -> list[str]:
+        answer = client.get("/dicomweb/studies", params=params)
+        assert answer.status_code == 200, answer.text
+        return [s["00080020"]["Value"][0] for s in answer.json()]
+
+    newest = sorted(days, reverse=True)
+    assert dates(orderby="-StudyDate") == newest
+    pages = [dates(orderby="-StudyDate,StudyTime", limit="2", offset=o) for o in ("0", "2", "4")]
+    assert [d for page in pages for d in page] == newest
+    by_name = client.get("/dicomweb/studies", params={"orderby": "00100010"}).json()
+    assert [s["00100020"]["Value"][0] for s in by_name] == ["P4", "P3", "P2", "P1", "P0"]
+    for bad in ("SeriesNumber", "SOPInstanceUID", "Nonsense", "-"):
+        answer = client.get("/dicomweb/studies", params={"orderby": bad})
+        assert answer.status_code == 400, bad
+        assert answer.headers["content-type"] == "application/problem+json"

@@ -67,6 +67,15 @@ def test_sign_in_search_and_hostile_text_shown_literally(
     shot(driver, "02-study-list")
     find(By.ID, "next").click()
     wait.until(lambda d: d.find_element(By.ID, "page").text == "studies 26-31")
+    # sorting is the server's (every page follows it): by patient name, then reversed
+    first_patient = "#studies tbody tr:first-child td:first-child"
+    find(By.CSS_SELECTOR, 'th[data-key="PatientName"]').click()
+    wait.until(lambda d: d.find_element(By.ID, "page").text == "studies 1-25")
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, first_patient).text == XSS_NAME)
+    find(By.CSS_SELECTOR, 'th[data-key="PatientName"]').click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, first_patient).text == "DOE^PATIENT9")
+    header = find(By.CSS_SELECTOR, 'th[data-key="PatientName"]')
+    assert header.get_attribute("aria-sort") == "descending"
 
     find(By.ID, "PatientID").send_keys("XSS-1")
     find(By.ID, "find").click()

@@ -76,7 +76,7 @@ DEFAULT_KEYS: dict[Level, tuple[str, ...]] = {
         "NumberOfFrames",
     ),
 }
-_CONTROL = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
+_CONTROL = frozenset({"limit", "offset", "includefield", "fuzzymatching", "orderby"})
 _TAG = re.compile(r"[0-9A-Fa-f]{8}")
 #: Longest query string accepted (URLs are bounded by the server too).
 MAX_PARAMETERS = 64
@@ -145,6 +145,23 @@ def parse(
     return values, include, _number(params, "limit"), _number(params, "offset") or 0
 
 
+def order_of(params: Mapping[str, list[str]]) -> list[tuple[str, bool]]:
+    """The sort keys of ``orderby`` (a Stockade extension: keywords or tags, comma
+    separated, most significant first; ``-`` before one sorts it descending).
+
+    Raises
+    ------
+    InvalidQuery
+        An unknown attribute (which ones may sort is checked by the query model).
+    """
+    out = []
+    for item in (part.strip() for v in params.get("orderby", []) for part in v.split(",")):
+        if item:
+            descending = item.startswith("-")
+            out.append((keyword_of(item.lstrip("-+").strip()), descending))
+    return out
+
+
 def _retrieve_url(request: Request, row: dict[str, Any], level: Level) -> str | None:
     study = row.get("StudyInstanceUID")
     if not study:
@@ -197,6 +214,7 @@ def _search(level: Level, with_study_keys: bool = False) -> Any:
             return_keys=[*defaults, *include],
             limit=page,
             offset=offset,
+            order=order_of(params),
         )
         body = []
         for row in found.rows:

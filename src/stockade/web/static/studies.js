@@ -15,8 +15,9 @@ const TAGS = {
 const message = document.getElementById("message");
 const rows = document.querySelector("#studies tbody");
 let offset = 0;
-let sortKey = "";
-let sortDown = false;
+// Sorted by the server (QIDO-RS orderby), so pages follow the order: newest first by default.
+let sortKey = "StudyDate";
+let sortDown = true;
 let shown = [];
 
 function dicomDate(iso) {
@@ -34,16 +35,19 @@ function query() {
   if (from || to) params.set("StudyDate", `${from}-${to}`);
   params.set("fuzzymatching", "false");
   for (const tag of ["00081030", "00201206", "00201208", "00080061"]) params.append("includefield", tag);
+  const sign = sortDown ? "-" : "";
+  const keys = sortKey === "StudyDate" ? ["StudyDate", "StudyTime"] : [sortKey];
+  params.set("orderby", keys.map((k) => sign + k).join(","));
   params.set("limit", String(PAGE + 1));
   params.set("offset", String(offset));
   return params;
 }
 
 function render() {
-  const ordered = [...shown];
-  if (sortKey) {
-    ordered.sort((a, b) => value(a, TAGS[sortKey]).localeCompare(value(b, TAGS[sortKey])));
-    if (sortDown) ordered.reverse();
+  const ordered = shown;
+  for (const header of document.querySelectorAll("th[data-key]")) {
+    const on = header.dataset.key === sortKey;
+    header.setAttribute("aria-sort", on ? (sortDown ? "descending" : "ascending") : "none");
   }
   rows.replaceChildren();
   for (const study of ordered) {
@@ -104,9 +108,10 @@ document.getElementById("next").addEventListener("click", () => {
 });
 for (const header of document.querySelectorAll("th[data-key]")) {
   header.addEventListener("click", () => {
-    sortDown = sortKey === header.dataset.key ? !sortDown : false;
+    sortDown = sortKey === header.dataset.key ? !sortDown : header.dataset.key === "StudyDate";
     sortKey = header.dataset.key;
-    render();
+    offset = 0;
+    search();
   });
 }
 document.getElementById("logout").addEventListener("click", async () => {
