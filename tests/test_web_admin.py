@@ -154,11 +154,15 @@ def test_nodes_added_edited_tested_removed_and_audited(trail: Archive) -> None:
     records = _audit(client, type="NodeChanged")
     assert [(r["name"], r["action"]) for r in reversed(records)] == [
         ("ct-1", "add"),
-        ("ct-1", "remove"),
-        ("ct-2", "add"),
+        ("ct-2", "edit"),
         ("dead", "add"),
         ("ct-2", "remove"),
     ]
+    edit = next(r for r in records if r["action"] == "edit")
+    assert edit["detail"] == (
+        "name ct-1 -> ct-2; ae_title CT1 -> CT2; host 127.0.0.1 -> ct.example.org; "
+        "port 104 -> 11112"
+    )
     assert {r["actor"]["user"] for r in records} == {"test-admin"}
     assert {r["actor"]["via"] for r in records} == {"web"}
 

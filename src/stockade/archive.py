@@ -96,6 +96,43 @@ class VerifyReport:
         return not self.problems
 
 
+def _node(
+    name: str,
+    ae_title: str,
+    host: str,
+    port: int,
+    allow: frozenset[str],
+    tls: bool,
+    cert_sha256: str | None,
+) -> Node:
+    """A checked :class:`Node` (a peer's configuration).
+
+    Raises
+    ------
+    ConfigError
+        A value is not acceptable.
+    """
+    if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError("node name must be 1 to 64 letters, digits, '-' or '_'")
+    problem = ae_title_problem(ae_title)
+    if problem:
+        raise ConfigError(f"AE title {problem}")
+    if not 1 <= port <= 65535:
+        raise ConfigError("port must be from 1 to 65535")
+    if not host or len(host) > 253 or any(c.isspace() for c in host):
+        raise ConfigError("host must be an IP address or a host name")
+    unknown = allow - SERVICES
+    if unknown:
+        raise ConfigError(f"unknown service(s) {sorted(unknown)}; use {sorted(SERVICES)}")
+    if cert_sha256 is not None:
+        cert_sha256 = cert_sha256.replace(":", "").strip().lower()
+        if len(cert_sha256) != 64 or any(c not in "0123456789abcdef" for c in cert_sha256):
+            raise ConfigError("a certificate fingerprint is 64 hexadecimal digits (SHA-256)")
+        if not tls:
+            raise ConfigError("a certificate fingerprint needs a DICOM TLS node (--tls)")
+    return Node(name, ae_title, host, port, allow, tls, cert_sha256)
+
+
 def _actor_of(peer: Peer | None, via: str) -> Actor:
     """The audit actor of a DIMSE peer, or of *via* (this process, the CLI) without one."""
     if peer is None:
@@ -567,27 +604,61 @@ class Archive:
     ) -> Node:
         """Configure a DICOM peer (*tls*: it talks DICOM TLS, PS3.15 Annex B; *cert_sha256*:
         the SHA-256 of the client certificate it must present, binding it to the AE)."""
-        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError("node name must be 1 to 64 letters, digits, '-' or '_'")
-        problem = ae_title_problem(ae_title)
-        if problem:
-            raise ConfigError(f"AE title {problem}")
-        if not 1 <= port <= 65535:
-            raise ConfigError("port must be from 1 to 65535")
-        if not host or len(host) > 253 or any(c.isspace() for c in host):
-            raise ConfigError("host must be an IP address or a host name")
-        unknown = allow - SERVICES
-        if unknown:
-            raise ConfigError(f"unknown service(s) {sorted(unknown)}; use {sorted(SERVICES)}")
-        if cert_sha256 is not None:
-            cert_sha256 = cert_sha256.replace(":", "").strip().lower()
-            if len(cert_sha256) != 64 or any(c not in "0123456789abcdef" for c in cert_sha256):
-                raise ConfigError("a certificate fingerprint is 64 hexadecimal digits (SHA-256)")
-            if not tls:
-                raise ConfigError("a certificate fingerprint needs a DICOM TLS node (--tls)")
-        node = Node(name, ae_title, host, port, allow, tls, cert_sha256)
+        node = _node(name, ae_title, host, port, allow, tls, cert_sha256)
         self.index.add_node(node)
         self.audit(NodeChanged(actor=actor or local_actor(), name=name, action="add"))
+        return node
+
+    def edit_node(
+        self,
+        old_name: str,
+        name: str,
+        ae_title: str,
+        host: str,
+        port: int,
+        allow: frozenset[str],
+        *,
+        tls: bool = False,
+        cert_sha256: str | None = None,
+        actor: Actor | None = None,
+    ) -> Node:
+        """Change the DICOM peer *old_name* (its name too), checked like :meth:`add_node`;
+        one ``NodeChanged`` record (action ``edit``) says what changed.
+
+        Raises
+        ------
+        NotFound
+            No node is named *old_name*.
+        ConfigError
+            A value is not acceptable, or the new name is another node's.
+        """
+        old = next((n for n in self.index.nodes() if n.name == old_name), None)
+        if old is None:
+            raise NotFound(f"no node named {old_name[:64]!r}")
+        node = _node(name, ae_title, host, port, allow, tls, cert_sha256)
+        if not self.index.replace_node(old_name, node):
+            raise NotFound(f"no node named {old_name[:64]!r}")
+        changes = [
+            f"{field} {before} -> {after}"
+            for field, before, after in (
+                ("name", old.name, node.name),
+                ("ae_title", old.ae_title, node.ae_title),
+                ("host", old.host, node.host),
+                ("port", old.port, node.port),
+                ("allow", ",".join(sorted(old.allow)), ",".join(sorted(node.allow))),
+                ("tls", old.tls, node.tls),
+                ("cert_sha256", old.cert_sha256, node.cert_sha256),
+            )
+            if before != after
+        ]
+        self.audit(
+            NodeChanged(
+                actor=actor or local_actor(),
+                name=node.name,
+                action="edit",
+                detail="; ".join(changes) or "no change",
+            )
+        )
         return node
 
     def remove_node(self, name: str, *, actor: Actor | None = None) -> bool:

@@ -112,10 +112,11 @@ class ApplicationActivity(AuditEvent):
 
 @dataclass(frozen=True, kw_only=True)
 class NodeChanged(AuditEvent):
-    """A DICOM peer was added or removed (configuration change)."""
+    """A DICOM peer was added, changed or removed (configuration change)."""
 
     name: str
-    action: str  # add | remove
+    action: str  # add | edit | remove
+    detail: str | None = None  # edit: what changed, "field old -> new"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -180,6 +180,10 @@ class Index(Protocol):
     def remove_node(self, name: str) -> bool:
         """Remove a DICOM peer; False if there was none by that name."""
 
+    def replace_node(self, name: str, node: Node) -> bool:
+        """Replace the peer *name* by *node* (which may be renamed) in one transaction;
+        False if there was none by that name."""
+
     def nodes(self) -> list[Node]:
         """All configured DICOM peers."""
 

@@ -561,6 +561,33 @@ class SqlIndex:
         except SAIntegrityError:
             raise ConfigError(f"a node named {node.name!r} exists already") from None
 
+    def replace_node(self, name: str, node: Node) -> bool:
+        """Replace the peer *name* by *node* in one statement (see :class:`Index`).
+
+        Raises
+        ------
+        ConfigError
+            *node* is renamed to the name of another node.
+        """
+        try:
+            with self._writing() as conn:
+                changed = conn.execute(
+                    nodes.update()
+                    .where(nodes.c.name == name)
+                    .values(
+                        name=node.name,
+                        ae_title=node.ae_title,
+                        host=node.host,
+                        port=node.port,
+                        allow=",".join(sorted(node.allow)),
+                        tls=node.tls,
+                        cert_sha256=node.cert_sha256,
+                    )
+                )
+                return changed.rowcount > 0
+        except SAIntegrityError:
+            raise ConfigError(f"a node named {node.name!r} exists already") from None
+
     def remove_node(self, name: str) -> bool:
         """Remove a DICOM peer by name."""
         with self._writing() as conn:

@@ -397,35 +397,30 @@ async def nodes_add(request: Request) -> Response:
 
 
 async def nodes_edit(request: Request) -> Response:
-    """``PUT /api/admin/nodes/{name}``: change a peer (its name too); audited as the old
-    node removed and the new one added."""
+    """``PUT /api/admin/nodes/{name}``: change a peer (its name too), in one transaction and
+    one ``NodeChanged`` record (action ``edit``)."""
     _authorised(request, Permission.ADMIN)
     old_name = request.path_params["name"]
     fields = node_fields(await body_of(request))
     archive, actor = archive_of(request), actor_of(request)
 
     def edit() -> Node:
-        existing = {n.name: n for n in archive.nodes()}
-        old = existing.get(old_name)
-        if old is None:
+        existing = {n.name for n in archive.nodes()}
+        if old_name not in existing:
             raise NotFound(f"no node named {old_name[:64]!r}")
         if fields["name"] != old_name and fields["name"] in existing:
             raise Conflict(f"a node named {fields['name']} exists already")
-        archive.remove_node(old_name, actor=actor)
-        try:
-            return _add(archive, fields, actor)
-        except StockadeError:  # put the old one back as it was
-            archive.add_node(
-                old.name,
-                old.ae_title,
-                old.host,
-                old.port,
-                old.allow,
-                tls=old.tls,
-                cert_sha256=old.cert_sha256,
-                actor=actor,
-            )
-            raise
+        return archive.edit_node(
+            old_name,
+            fields["name"],
+            fields["ae_title"],
+            fields["host"],
+            fields["port"],
+            fields["allow"],
+            tls=fields["tls"],
+            cert_sha256=fields["cert_sha256"],
+            actor=actor,
+        )
 
     return _json(node_json(await _run(edit)))
 
