@@ -93,6 +93,17 @@ def test_random_splits() -> None:
         assert [bytes(p.body) for p in parse(split_at(data, cuts))] == parts
 
 
+def test_large_parts_in_chunks_of_any_size() -> None:
+    """Chunks that lie wholly inside a body are taken without buffering; the result is the
+    same whatever the chunking, with delimiter look-alikes on any chunk boundary."""
+    large = [bytes(range(256)) * 40, b"\r\n--" + BOUNDARY[:-1] + b"\r\n" * 500, *TRICKY]
+    data = body(large * 2, preamble=b"pre", epilogue=b"after")
+    rng = random.Random(11)
+    for _ in range(300):
+        cuts = [rng.randrange(len(data) + 1) for _ in range(rng.randrange(1, 40))]
+        assert [bytes(p.body) for p in parse(split_at(data, cuts))] == large * 2
+
+
 def test_first_delimiter_without_crlf_and_transport_padding() -> None:
     data = b"--" + BOUNDARY + b" \t\r\nA: 1\r\n\r\nx\r\n--" + BOUNDARY + b"--"
     (part,) = parse([data])

@@ -195,6 +195,8 @@ class FilesystemBlobStore:
         self._spares: list[str] = []
         self._spares_lock = threading.Lock()
         self._refilling = False
+        self._staging = 0  # stage() calls running
+        self._staging_lock = threading.Lock()
 
     # -- staging ---------------------------------------------------------------------------
 
@@ -282,12 +284,27 @@ class FilesystemBlobStore:
             try:
                 views = [memoryview(part) for part in parts]
                 size = sum(len(view) for view in views)
-                # Writing, fsync and SHA-256 all release the GIL: the pool writes and syncs
-                # while this thread hashes the same bytes.
-                written = self._pool().submit(_write_and_sync, fd, views)
-                for view in views:
-                    digest.update(view)
-                written.result()
+                with self._staging_lock:
+                    self._staging += 1
+                    alone = self._staging == 1
+                try:
+                    if alone:
+                        # Writing, fsync and SHA-256 all release the GIL: the pool writes and
+                        # syncs while this thread hashes the same bytes.
+                        written = self._pool().submit(_write_and_sync, fd, views)
+                        for view in views:
+                            digest.update(view)
+                        written.result()
+                    else:
+                        # Other objects are being staged at the same time (a STOW-RS request's
+                        # parts): they keep the cores busy, and handing over to the pool
+                        # would only add thread switches.
+                        for view in views:
+                            digest.update(view)
+                        _write_and_sync(fd, views)
+                finally:
+                    with self._staging_lock:
+                        self._staging -= 1
             finally:
                 os.close(fd)
             if fresh:

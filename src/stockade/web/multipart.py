@@ -186,11 +186,34 @@ class MultipartParser:
         """
         if self._state is _State.EPILOGUE:
             return []
+        if self._state is _State.BODY and self._body_only(chunk):
+            return []
         self._buf += chunk
         done: list[Part] = []
         while self._step(done):
             pass
         return done
+
+    def _body_only(self, chunk: bytes | bytearray | memoryview) -> bool:
+        """Take *chunk* as body without copying it into the buffer, if no delimiter starts
+        in what is buffered or in the chunk (the common case for a large part); False, with
+        nothing consumed, otherwise."""
+        delimiter = self._delimiter
+        keep = len(delimiter) - 1
+        if len(chunk) <= keep:
+            return False
+        view = memoryview(chunk)
+        carry = self._buf  # shorter than the delimiter between chunks in the body
+        if carry and (bytes(carry) + bytes(view[:keep])).find(delimiter) >= 0:
+            return False
+        data = bytes(view) if isinstance(chunk, memoryview) else chunk
+        if data.find(delimiter) >= 0:
+            return False
+        safe = len(chunk) - keep
+        self._body(memoryview(carry))
+        self._body(view[:safe])
+        self._buf = bytearray(view[safe:])
+        return True
 
     def close(self) -> None:
         """The body has ended.
