@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import fcntl
 import logging
 import signal
 import socket
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -88,6 +90,55 @@ class MetadataWarmer(threading.Thread):
         return since
 
 
+#: How long a worker waits before it accepts a connection, per connection it serves already
+#: (counting at most two), and the most waiting it does per second.
+ACCEPT_DEFER = 0.01
+ACCEPT_DEFER_BUDGET = 0.04
+
+
+class FairListener(socket.socket):
+    """The listening socket the HTTP worker processes share, accepting so that connections
+    opened together are spread over the workers.
+
+    asyncio accepts every pending connection when the socket becomes readable, and the
+    worker whose event loop runs wins the race for the CPU over one that sleeps: four
+    STOW-RS connections opened at once were served three and one by two workers, one busy
+    and the other idle. So this socket takes one connection each time it is found ready
+    (others pending keep it ready), and a worker that serves connections already waits
+    :data:`ACCEPT_DEFER` per connection (at most two) before it accepts, so that a less
+    busy worker takes it first. The waiting is bounded to :data:`ACCEPT_DEFER_BUDGET`
+    seconds per second, so clients that open connection after connection cost a busy
+    worker at most that share of its event loop.
+    """
+
+    def __init__(self, fileno: int) -> None:
+        super().__init__(fileno=fileno)
+        self._took = False
+        self._served: list[socket.socket] = []
+        self._budget = ACCEPT_DEFER_BUDGET
+        self._checked = time.monotonic()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        """Accept a connection, or report none pending right after having taken one."""
+        if self._took:
+            self._took = False
+            raise BlockingIOError(errno.EAGAIN, "one connection per readiness")
+        self._served = [conn for conn in self._served if conn.fileno() >= 0]
+        now = time.monotonic()
+        self._budget = min(
+            ACCEPT_DEFER_BUDGET, self._budget + (now - self._checked) * ACCEPT_DEFER_BUDGET
+        )
+        self._checked = now
+        wait = min(ACCEPT_DEFER * min(len(self._served), 2), self._budget)
+        if wait > 0:
+            self._budget -= wait
+            time.sleep(wait)  # the GIL is released: this worker's requests go on meanwhile
+        conn, address = super().accept()  # BlockingIOError: another worker took it
+        self._took = True
+        self._served.append(conn)
+        return conn, address
+
+
 def serve_http(settings: Settings, sock: socket.socket) -> None:
     """Serve DICOMweb on *sock* until SIGTERM or SIGINT (uvicorn handles both); over
     HTTPS when ``http_tls_cert_file`` is set (:mod:`stockade.security.tls`)."""
@@ -133,7 +184,7 @@ def _main() -> int:
     args = parser.parse_args()
     settings = load(args.config)
     configure_logging(settings.log_level)
-    serve_http(settings, socket.socket(fileno=args.fd))
+    serve_http(settings, FairListener(fileno=args.fd))
     return 0
 
 
