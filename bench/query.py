@@ -144,16 +144,18 @@ def expected_named(patients: int, prefix: str = "43") -> int:
 
 def queries(patients: int) -> list[tuple[str, dict[str, str], int]]:
     """(name, keys, expected number of matching studies)."""
-    low, high = "20230101", "20230131"
-    in_month = sum(
-        1
-        for p in range(patients)
-        for s in range(STUDIES_PER_PATIENT)
-        if low <= study_date(p, s) <= high
-    )
+    dates = [study_date(p, s) for p in range(patients) for s in range(STUDIES_PER_PATIENT)]
+    # one month, or fewer days when a month holds more than a few hundred studies
+    for low, high in (("20230101", "20230131"), ("20230101", "20230107"), ("20230101", "20230101")):
+        in_month = sum(1 for d in dates if low <= d <= high)
+        if in_month <= 500:
+            break
+    # a prefix that matches a few hundred studies at most (a C-FIND over the cap is refused)
+    prefix = next(p for p in ("43", "432", "4321", "43210") if expected_named(patients, p) <= 500)
+    named = expected_named(patients, prefix)
     return [
         ("PatientID, exact", {"PatientID": f"PID{patients // 2:06d}"}, STUDIES_PER_PATIENT),
-        ("PatientName NAME43*", {"PatientName": "NAME43*"}, expected_named(patients)),
+        (f"PatientName NAME{prefix}*", {"PatientName": f"NAME{prefix}*"}, named),
         (f"StudyDate {low}-{high}", {"StudyDate": f"{low}-{high}"}, in_month),
     ]
 
