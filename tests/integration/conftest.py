@@ -756,4 +756,37 @@ def raw_associate(
     return sock
 
 
+@contextlib.contextmanager
+def storescp(ae: str, out: Path, port: int | None = None) -> Iterator[int]:
+    """A DCMTK ``storescp`` answering as *ae* and writing into *out*; yields its port once
+    it answers a C-ECHO, and stops it afterwards (its output in ``out/../storescp.log``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    with (out.parent / "storescp.log").open("w") as log:
+        proc = subprocess.Popen(
+            ["storescp", "-v", "-aet", ae, "-od", str(out), "-ta", "10", "-td", "60", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),  # TCP_NODELAY=1
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while (
+                subprocess.run(
+                    ["echoscu", "-aec", ae, "127.0.0.1", str(port)],
+                    capture_output=True,
+                    env=clean_env(),
+                    timeout=10,
+                    check=False,
+                ).returncode
+                != 0
+            ):
+                assert proc.poll() is None and time.monotonic() < deadline, "no storescp"
+                time.sleep(0.05)  # readiness polling only
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 from .browser import browser  # noqa: E402, F401  (the fixture of the browser tests)

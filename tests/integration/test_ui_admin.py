@@ -6,11 +6,8 @@ are worked on in the page too."""
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from tests.dicomfactory import make_dataset, part10
 from tests.polyglots import PREAMBLES
 
 from .browser import base_url, console_errors, shot, sign_in
-from .conftest import HOST, StockadeServer, clean_env, free_port, require_dcmtk
+from .conftest import HOST, StockadeServer, free_port, require_dcmtk, storescp
 
 PEER_AE = "PEERSCP"
 PEER_ROW = '#node-table tr[data-node="peer-scp"]'
@@ -30,6 +27,7 @@ ADMIN_API = [
     ("GET", "/api/admin/users"),
     ("POST", "/api/admin/users"),
     ("POST", "/api/admin/users/rad1/password"),
+    ("POST", "/api/admin/users/rad1/role"),
     ("POST", "/api/admin/users/rad1/disable"),
     ("POST", "/api/admin/users/rad1/enable"),
     ("GET", "/api/admin/nodes"),
@@ -47,36 +45,6 @@ ADMIN_API = [
     ("GET", "/api/admin/posture"),
     ("GET", "/api/admin/statistics"),
 ]
-
-
-@contextlib.contextmanager
-def storescp(port: int, out: Path) -> Iterator[None]:
-    """A DCMTK storescp answering as :data:`PEER_AE` (stopped afterwards)."""
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        ["storescp", "-aet", PEER_AE, "-od", str(out), "-ta", "10", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=clean_env(),  # TCP_NODELAY=1
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while (
-            subprocess.run(
-                ["echoscu", "-aec", PEER_AE, HOST, str(port)],
-                capture_output=True,
-                env=clean_env(),
-                timeout=10,
-                check=False,
-            ).returncode
-            != 0
-        ):
-            assert proc.poll() is None and time.monotonic() < deadline, "storescp did not start"
-            time.sleep(0.05)  # readiness polling only
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _node_row(driver: Any, name: str) -> Any:
@@ -132,7 +100,7 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
     wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
     find = driver.find_element
 
-    with storescp(port, tmp_path / "received"):
+    with storescp(PEER_AE, tmp_path / "received", port):
         sign_in(driver, server, "boss", password)
         driver.get(base_url(server) + "/ui/admin#nodes")
         wait.until(lambda d: d.find_element(By.ID, "node-form").is_displayed())

@@ -6,13 +6,10 @@ confirmation inside the page; a radiologist is not offered Delete. Screenshots a
 
 from __future__ import annotations
 
-import contextlib
 import io
 import secrets
-import subprocess
-import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ from pydicom.uid import generate_uid
 from tests.dicomfactory import make_dataset
 
 from .browser import base_url, console_errors, shot, sign_in, stow
-from .conftest import HOST, StockadeServer, clean_env, free_port, require_dcmtk
+from .conftest import StockadeServer, require_dcmtk, storescp
 
 XSS_NAME = "<img src=x onerror=alert(1)>"
 XSS_TEXT = "</script><script>alert(1)</script>"
@@ -50,39 +47,6 @@ def _image(study: str, series: str, number: int, instance: int, **attrs: Any) ->
         StudyDescription=XSS_TEXT,
         **attrs,
     )
-
-
-@contextlib.contextmanager
-def _storescp(ae: str, out: Path) -> Iterator[int]:
-    """A DCMTK storescp for *ae* writing into *out*, ready (C-ECHO answered) on a port."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = (out.parent / "storescp.log").open("w")
-    proc = subprocess.Popen(
-        ["storescp", "-v", "-aet", ae, "-od", str(out), "-ta", "10", "-td", "60", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=clean_env(),  # TCP_NODELAY=1
-    )
-    try:
-        deadline = time.monotonic() + WAIT
-        while (
-            subprocess.run(
-                ["echoscu", "-aec", ae, HOST, str(port)],
-                capture_output=True,
-                env=clean_env(),
-                timeout=10,
-                check=False,
-            ).returncode
-            != 0
-        ):
-            assert proc.poll() is None and time.monotonic() < deadline, "storescp did not start"
-            time.sleep(0.05)  # readiness polling only
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
 
 
 def thumbnails_loaded(driver: Any) -> bool:
@@ -215,7 +179,7 @@ def test_study_page_view_send_download_and_delete(
 
     # send to a DCMTK storescp configured as a node
     received = tmp_path / "received"
-    with _storescp("TAKER", received) as port:
+    with storescp("TAKER", received) as port:
         server.add_nodes(("taker", "TAKER", port, "echo"))
         driver.refresh()
         wait.until(lambda d: d.find_element(By.ID, "send").is_displayed())
