@@ -369,17 +369,13 @@ async def nodes_list(request: Request) -> Response:
     return _json({"nodes": [node_json(n) for n in found]})
 
 
-def _add(archive: Archive, fields: dict[str, Any], actor: Actor) -> Node:
-    return archive.add_node(
-        fields["name"],
-        fields["ae_title"],
-        fields["host"],
-        fields["port"],
-        fields["allow"],
-        tls=fields["tls"],
-        cert_sha256=fields["cert_sha256"],
-        actor=actor,
-    )
+def _add(archive: Archive, fields: dict[str, Any], actor: Actor, replacing: str = "") -> Node:
+    """Add the node *fields* describe, or (*replacing*) put it in that node's place."""
+    values = [fields[k] for k in ("name", "ae_title", "host", "port", "allow")]
+    options = {"tls": fields["tls"], "cert_sha256": fields["cert_sha256"], "actor": actor}
+    if replacing:
+        return archive.edit_node(replacing, *values, **options)
+    return archive.add_node(*values, **options)
 
 
 async def nodes_add(request: Request) -> Response:
@@ -410,17 +406,7 @@ async def nodes_edit(request: Request) -> Response:
             raise NotFound(f"no node named {old_name[:64]!r}")
         if fields["name"] != old_name and fields["name"] in existing:
             raise Conflict(f"a node named {fields['name']} exists already")
-        return archive.edit_node(
-            old_name,
-            fields["name"],
-            fields["ae_title"],
-            fields["host"],
-            fields["port"],
-            fields["allow"],
-            tls=fields["tls"],
-            cert_sha256=fields["cert_sha256"],
-            actor=actor,
-        )
+        return _add(archive, fields, actor, replacing=old_name)
 
     return _json(node_json(await _run(edit)))
 
