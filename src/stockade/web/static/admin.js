@@ -2,7 +2,7 @@
 // posture and statistics, over /api/admin. Everything that comes from the server (user
 // names, peers, audit records, quarantined objects' identities) goes into the page as text.
 
-import { call, problem, text, CSRF_KEY } from "./api.js";
+import { call, problem, text, signOutOn } from "./api.js";
 
 const API = "/api/admin";
 const AUDIT_PAGE = 50;
@@ -558,11 +558,7 @@ loaders.statistics = async () => {
 
 // -- start -----------------------------------------------------------------------------------
 
-document.getElementById("logout").addEventListener("click", async () => {
-  await call("/auth/logout", { method: "POST" });
-  sessionStorage.removeItem(CSRF_KEY);
-  window.location.assign("/ui/login");
-});
+signOutOn(document.getElementById("logout"));
 
 const who = await call("/auth/me");
 if (who.ok) {

@@ -50,3 +50,13 @@ export function text(node, content) {
   node.textContent = content;
   return node;
 }
+
+// The "Sign out" button of a page: ends the session and goes to the login.
+export function signOutOn(button) {
+  if (!button) return;
+  button.addEventListener("click", async () => {
+    await call("/auth/logout", { method: "POST" });
+    sessionStorage.removeItem(CSRF_KEY);
+    window.location.assign("/ui/login");
+  });
+}

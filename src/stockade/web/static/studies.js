@@ -1,4 +1,4 @@
-import { call, problem, value, values, text, CSRF_KEY } from "./api.js";
+import { call, problem, value, values, text, signOutOn } from "./api.js";
 
 const PAGE = 25;
 const TAGS = {
@@ -114,11 +114,7 @@ for (const header of document.querySelectorAll("th[data-key]")) {
     search();
   });
 }
-document.getElementById("logout").addEventListener("click", async () => {
-  await call("/auth/logout", { method: "POST" });
-  sessionStorage.removeItem(CSRF_KEY);
-  window.location.assign("/ui/login");
-});
+signOutOn(document.getElementById("logout"));
 
 const me = await call("/auth/me");
 if (me.ok) {

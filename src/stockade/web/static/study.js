@@ -1,6 +1,6 @@
 // The study page: patient and study attributes, the series with thumbnails, and the actions
 // the caller's role allows. DICOM values go into the page as text only (textContent).
-import { call, problem, value, values, text, CSRF_KEY } from "./api.js";
+import { call, problem, value, values, text, signOutOn } from "./api.js";
 
 const TAGS = {
   PatientName: "00100010",
@@ -187,11 +187,7 @@ $("cancel-delete").addEventListener("click", () => {
 });
 $("confirm-delete").addEventListener("click", remove);
 $("send").addEventListener("submit", send);
-$("logout").addEventListener("click", async () => {
-  await call("/auth/logout", { method: "POST" });
-  sessionStorage.removeItem(CSRF_KEY);
-  window.location.assign("/ui/login");
-});
+signOutOn(document.getElementById("logout"));
 
 async function start() {
   const me = await call("/auth/me");

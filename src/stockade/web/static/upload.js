@@ -3,7 +3,7 @@
 // warning, quarantined, rejected or failed, with the reason in words. Names of files and
 // everything the server answers go into the page as text only.
 
-import { call, problem, text, value, CSRF_KEY } from "./api.js";
+import { call, problem, text, value, signOutOn } from "./api.js";
 
 const IN_FLIGHT = 3; // requests at once
 const STOW = "/dicomweb/studies";
@@ -273,11 +273,7 @@ document.getElementById("clear").addEventListener("click", () => {
   showProgress();
 });
 
-document.getElementById("logout").addEventListener("click", async () => {
-  await call("/auth/logout", { method: "POST" });
-  sessionStorage.removeItem(CSRF_KEY);
-  window.location.assign("/ui/login");
-});
+signOutOn(document.getElementById("logout"));
 
 const me = await call("/auth/me");
 if (me.ok) {
