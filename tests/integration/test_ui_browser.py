@@ -22,7 +22,7 @@ XSS_TEXT = "</script><script>alert(1)</script>"
 def test_sign_in_search_and_hostile_text_shown_literally(
     make_server: Callable[..., StockadeServer], browser: object
 ) -> None:
-    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -45,7 +45,7 @@ def test_sign_in_search_and_hostile_text_shown_literally(
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
 
     driver = browser
-    wait = WebDriverWait(driver, 30)
+    wait = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])  # redraws
     driver.get(base + "/")  # type: ignore[attr-defined]
     wait.until(ec.presence_of_element_located((By.ID, "username")))
     assert driver.current_url.endswith("/ui/login")  # type: ignore[attr-defined]
