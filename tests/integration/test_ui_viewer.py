@@ -152,7 +152,12 @@ def test_scroll_window_measure_and_colour(
     )
 
     driver = browser
-    wait = WebDriverWait(driver, 30)
+    wait = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])
+
+    def labels(d: Any) -> list[str]:
+        """The measurement list, read in one go (the page redraws it)."""
+        script = "return [...document.querySelectorAll('#measurements li')].map(e => e.textContent)"
+        return d.execute_script(script)  # type: ignore[no-any-return]
 
     def click(selector: str) -> None:
         """Click what *selector* finds once it is there, again if the page redrew it."""
@@ -264,16 +269,16 @@ def test_scroll_window_measure_and_colour(
     # A length of 176 pixels along a row: 88 mm with 0.5 mm spacing.
     driver.find_element(By.CSS_SELECTOR, "[data-tool=length]").click()
     drag(on_screen(40, 128), on_screen(216, 128))
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#measurements li"))
-    label = driver.find_element(By.CSS_SELECTOR, "#measurements li").text
+    wait.until(lambda d: len(labels(d)) == 1)
+    label = labels(driver)[0]
     measured = float(re.search(r"Length ([\d.]+) mm", label).group(1))  # type: ignore[union-attr]
     assert measured == pytest.approx(176 * SPACING, rel=0.01)
 
     # An ellipse inside the block: 60 HU, SD 0; its area in mm².
     driver.find_element(By.CSS_SELECTOR, "[data-tool=ellipse]").click()
     drag(on_screen(96, 96), on_screen(160, 160))
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#measurements li")) == 2)
-    roi = driver.find_elements(By.CSS_SELECTOR, "#measurements li")[1].text
+    wait.until(lambda d: len(labels(d)) == 2)
+    roi = labels(driver)[1]
     match = re.search(r"area ([\d.]+) mm² mean ([-\d.]+) HU SD ([\d.]+) HU", roi)
     assert match, roi
     assert float(match.group(2)) == pytest.approx(BLOCK_HU) and float(match.group(3)) == 0
