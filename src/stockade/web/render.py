@@ -791,7 +791,7 @@ async def rendered_collection(request: Request) -> Response:
     Instances that cannot be rendered (no pixel data, too large) are left out and counted
     as failed in the audit record; when none renders the answer is 406.
     """
-    from stockade.web.wado import _Multipart, _RetrievalStream
+    from stockade.web.wado import RetrievalStream, _Multipart
 
     values = path_uids(request)
     options = rendered_options(request, 1, parts=True)
@@ -848,7 +848,7 @@ async def rendered_collection(request: Request) -> Response:
             found = await render_next(i + 1)
         yield multipart.end()
 
-    return _RetrievalStream(stream(), retrieval, multipart.content_type)
+    return RetrievalStream(stream(), retrieval, multipart.content_type)
 
 
 async def thumbnail(request: Request) -> Response:

@@ -43,9 +43,8 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
 from stockade.auth.roles import Permission
 from stockade.auth.service import require
@@ -55,6 +54,7 @@ from stockade.errors import InvalidQuery, NotFound, StockadeError
 from stockade.retrieve import Retrieval, StoredInstance
 from stockade.web.app import actor_of, archive_of, path_uids, scope_of
 from stockade.web.auth import principal_of
+from stockade.web.wado import RetrievalStream
 
 __all__ = ["MAX_BODY", "ROUTES", "ZipStream", "entry_names"]
 
@@ -240,31 +240,6 @@ def _study(request: Request) -> str:
     return path_uids(request)["StudyInstanceUID"]
 
 
-class _ZipResponse(StreamingResponse):
-    """A streamed ZIP that finishes its :class:`Retrieval` (the audit record) however the
-    stream ends: a download the client broke off is recorded as cancelled."""
-
-    def __init__(
-        self, content: AsyncIterator[bytes | memoryview], retrieval: Retrieval, filename: str
-    ) -> None:
-        super().__init__(
-            content,
-            media_type="application/zip",
-            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-        )
-        self.retrieval = retrieval
-        self.content = content
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.content, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            self.retrieval.finish(cancelled=self.retrieval.remaining > 0)
-
-
 async def study_zip(request: Request) -> Response:
     """``GET /api/studies/{study}/zip``: the study as a streamed ZIP of Part 10 files with
     zero preambles (PS3.10 7.1); entry names made by Stockade; audited like WADO-RS."""
@@ -309,7 +284,9 @@ async def study_zip(request: Request) -> Response:
         yield writer.end()
 
     safe = study if _DICOM_UID.fullmatch(study) else "download"
-    return _ZipResponse(stream(), retrieval, f"study-{safe}.zip")
+    return RetrievalStream(
+        stream(), retrieval, "application/zip", f'attachment; filename="study-{safe}.zip"'
+    )
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

@@ -325,13 +325,20 @@ def _dicom_part(
     return ts, [header, body]
 
 
-class _RetrievalStream(StreamingResponse):
-    """A streamed answer that finishes its :class:`Retrieval` however the stream ends."""
+class RetrievalStream(StreamingResponse):
+    """A streamed answer (an attachment) that finishes its :class:`Retrieval`, the audit
+    record, however the stream ends: one the client broke off is recorded as cancelled."""
 
     def __init__(
-        self, content: AsyncIterator[bytes | memoryview], retrieval: Retrieval, media_type: str
+        self,
+        content: AsyncIterator[bytes | memoryview],
+        retrieval: Retrieval,
+        media_type: str,
+        disposition: str = "attachment",
     ) -> None:
-        super().__init__(content, media_type=media_type, headers=_ATTACHMENT)
+        super().__init__(
+            content, media_type=media_type, headers={"Content-Disposition": disposition}
+        )
         self.retrieval = retrieval
         self.content = content
 
@@ -392,7 +399,7 @@ async def _retrieve(request: Request) -> Response:
             retrieval.done(inst, "completed")
         yield multipart.end()
 
-    return _RetrievalStream(stream(), retrieval, multipart.content_type)
+    return RetrievalStream(stream(), retrieval, multipart.content_type)
 
 
 # -- metadata (PS3.18 10.4.1.1.2) ------------------------------------------------------------
