@@ -181,7 +181,8 @@ def test_login_and_permission_in_front(archive: Archive) -> None:
     anonymous = TestClient(create_app(archive), follow_redirects=False)
     page = anonymous.get("/ohif/viewer?StudyInstanceUIDs=1.2.3")
     assert page.status_code == 401
-    assert 'url=/ui/login"' in page.text  # a browser goes on to the login
+    # a browser goes on to the login, and comes back here once signed in
+    assert 'url=/ui/login?next=%2Fohif%2Fviewer%3FStudyInstanceUIDs%3D1.2.3"' in page.text
     for path in ("/ohif/app-config.js", "/ohif/app.bundle.0123.js"):
         assert anonymous.get(path).status_code == 401
     api = anonymous.get("/api/ohif")

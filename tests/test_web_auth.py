@@ -11,6 +11,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jwt
 import pytest
@@ -73,10 +74,15 @@ def test_every_route_refuses_a_caller_without_credentials(archive: Archive) -> N
         if path.startswith(("/ui/", "/ohif")):  # a page: a page that goes on to the login
             assert response.headers["content-type"].startswith("text/html")
             assert "script-src 'self'" in response.headers["content-security-policy"]
-            assert 'url=/ui/login"' in response.text
+            assert f'url=/ui/login?next={quote(path, safe="")}"' in response.text
         else:
             assert response.headers["content-type"] == "application/problem+json", path
     assert client.get("/", follow_redirects=False).headers["location"] == "/ui/"
+    # the way back is encoded whole, and markup in it stays text
+    hostile = client.get('/ui/study?study="><script>alert(1)</script>', follow_redirects=False)
+    assert hostile.status_code == 401 and "<script>" not in hostile.text
+    assert "next=%2Fui%2Fstudy%3Fstudy%3D%2522%253E%253Cscript%253E" in hostile.text  # as sent
+    assert "next=" not in client.get("/ui/study?q=" + "x" * 3000).text  # too long: no way back
     for bad in ("Bearer stk_nope", "Bearer ", "Digest x", "Basic !!!", "Basic " + "a" * 10):
         response = client.get("/dicomweb/studies", headers={"Authorization": bad})
         assert response.status_code == 401, bad

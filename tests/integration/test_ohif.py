@@ -118,7 +118,7 @@ def test_study_opens_in_ohif_and_an_image_renders(
     driver = browser
     # Not signed in: OHIF's page goes on to the Stockade login.
     driver.get(f"{base}{api['url']}{uid}")
-    WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith("/ui/login"))
+    WebDriverWait(driver, 30).until(lambda d: "/ui/login?next=%2Fohif%2Fviewer" in d.current_url)
     sign_in(driver, server, "rad1", password)
     console_errors(driver)  # only what OHIF logs from here on
 

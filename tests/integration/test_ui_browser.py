@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from urllib.parse import quote
 
 import pydicom
 import pytest
@@ -48,7 +49,7 @@ def test_sign_in_search_and_hostile_text_shown_literally(
     wait = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])  # redraws
     driver.get(base + "/")  # type: ignore[attr-defined]
     wait.until(ec.presence_of_element_located((By.ID, "username")))
-    assert driver.current_url.endswith("/ui/login")  # type: ignore[attr-defined]
+    assert "/ui/login?next=%2Fui%2F" in driver.current_url  # type: ignore[attr-defined]
     find = driver.find_element  # type: ignore[attr-defined]
     find(By.ID, "username").send_keys("rad1")
     find(By.ID, "password").send_keys("wrong-password-" * 2)
@@ -89,7 +90,27 @@ def test_sign_in_search_and_hostile_text_shown_literally(
 
     find(By.ID, "logout").click()
     wait.until(lambda d: d.current_url.endswith("/ui/login"))
-    driver.get(base + "/ui/")  # type: ignore[attr-defined]
-    wait.until(lambda d: d.current_url.endswith("/ui/login"))  # signed out: back to the login
     stored = server.get(f"{server.dicomweb}/studies", params={"PatientID": "XSS-1"}).json()
     assert pydicom.Dataset.from_json(stored[0]).PatientName == XSS_NAME
+    # signed out, a link to a study goes through the login and back to that study
+    study_page = f"/ui/study?study={stored[0]['0020000D']['Value'][0]}"
+    driver.get(base + study_page)  # type: ignore[attr-defined]
+    wait.until(lambda d: "/ui/login?next=" in d.current_url)
+
+    def sign_in_here() -> None:
+        wait.until(lambda d: d.find_element(By.ID, "username").is_displayed())
+        find(By.ID, "username").send_keys("rad1")
+        find(By.ID, "password").send_keys(password)
+        find(By.ID, "sign-in").click()
+
+    sign_in_here()
+    wait.until(lambda d: d.current_url == base + study_page)
+    find(By.ID, "logout").click()
+    wait.until(lambda d: d.current_url.endswith("/ui/login"))
+    # a way back to anywhere else is ignored: the study list instead
+    for elsewhere in ("https://example.org/", "//example.org/ui/", "/ui/login", "/auth/me"):
+        driver.get(f"{base}/ui/login?next={quote(elsewhere, safe='')}")  # type: ignore[attr-defined]
+        sign_in_here()
+        wait.until(lambda d: d.current_url == base + "/ui/")
+        find(By.ID, "logout").click()
+        wait.until(lambda d: d.current_url.endswith("/ui/login"))

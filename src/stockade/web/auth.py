@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import json
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -117,7 +118,8 @@ class Authenticate:
 
             response = await problem(request, exc)
             if exc.http_status == 401 and path.startswith(("/ui/", "/ohif")):
-                response = _to_login()  # a page of the web application: 401, with a way on
+                # a page of the web application: 401, with a way on (and back)
+                response = _to_login(path, scope.get("query_string", b"").decode("latin-1"))
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
@@ -155,11 +157,22 @@ class Authenticate:
         )
 
 
-def _to_login() -> Response:
-    """401 for a page of the web application, as a page that goes on to the login."""
+#: Longest page address carried to the login and back (longer ones go to the study list).
+MAX_NEXT = 2048
+
+
+def _to_login(path: str = "", query: str = "") -> Response:
+    """401 for a page of the web application, as a page that goes on to the login, which
+    brings the browser back to *path* (with *query*) once signed in. The address is
+    percent-encoded whole, and the login page goes back only to a page of this origin."""
+    target = "/ui/login"
+    wanted = f"{path}?{query}" if query else path
+    if wanted and len(wanted) <= MAX_NEXT:
+        target += "?next=" + quote(wanted, safe="")
+    where = html.escape(target, quote=True)
     body = (
         '<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; '
-        'url=/ui/login"><title>Sign in</title><a href="/ui/login">Sign in</a>'
+        f'url={where}"><title>Sign in</title><a href="{where}">Sign in</a>'
     )
     return HTMLResponse(
         body, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="Stockade"'}

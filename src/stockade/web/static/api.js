@@ -12,7 +12,8 @@ export async function call(path, options = {}) {
   }
   const response = await fetch(path, { ...options, headers, credentials: "same-origin" });
   if (response.status === 401 && !path.startsWith("/auth/login")) {
-    window.location.assign("/ui/login");
+    const here = window.location.pathname + window.location.search;
+    window.location.assign(`/ui/login?next=${encodeURIComponent(here)}`);
     throw new Error("not signed in");
   }
   return response;

@@ -27,8 +27,18 @@ login.addEventListener("submit", async (event) => {
     message.textContent = "This password must be changed first.";
     return;
   }
-  window.location.assign("/ui/");
+  window.location.assign(next());
 });
+
+// Where to go once signed in: the page that sent the browser here (?next=), when it is a
+// page of this origin's web application or OHIF; else the study list. Never elsewhere.
+function next() {
+  const wanted = new URLSearchParams(window.location.search).get("next") || "";
+  if (!/^\/(ui|ohif)\//.test(wanted) || /[\\\s]/.test(wanted)) return "/ui/";
+  const url = new URL(wanted, window.location.origin);
+  if (url.origin !== window.location.origin || url.pathname === "/ui/login") return "/ui/";
+  return url.pathname + url.search + url.hash;
+}
 
 change.addEventListener("submit", async (event) => {
   event.preventDefault();
