@@ -922,6 +922,10 @@ class Archive:
         """Numbers of patients, studies, series and instances."""
         return self.index.counts()
 
+    def stored_bytes(self) -> int:
+        """The bytes of every stored object."""
+        return self.index.stored_bytes()
+
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         """An instance by SOP Instance UID (validated first)."""
         if uid_problem(sop_instance_uid):

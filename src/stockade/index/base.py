@@ -133,6 +133,9 @@ class Index(Protocol):
     def counts(self) -> dict[str, int]:
         """Numbers of patients, studies, series and instances."""
 
+    def stored_bytes(self) -> int:
+        """The bytes of every stored object."""
+
     def published(self, token: str) -> None:
         """The blob staged as *token* is durable and published: its journal entry may go."""
 

@@ -522,6 +522,12 @@ class SqlIndex:
                 )
             }
 
+    def stored_bytes(self) -> int:
+        """The bytes of every stored object (their sizes as the index holds them)."""
+        with self.engine.connect() as conn:
+            total = select(func.coalesce(func.sum(instances.c.size), 0))
+            return int(conn.execute(total).scalar_one())
+
     # -- blob deletions --------------------------------------------------------------------
 
     def queued_deletions(self) -> list[str]:

@@ -46,7 +46,6 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -66,7 +65,6 @@ from stockade.errors import (
     StockadeError,
 )
 from stockade.index.base import Node
-from stockade.index.schema import instances
 from stockade.security.posture import assess
 from stockade.security.quarantine import QuarantineEntry
 from stockade.web.app import actor_of, archive_of
@@ -597,8 +595,6 @@ async def posture(request: Request) -> Response:
 def statistics_of(archive: Archive) -> dict[str, Any]:
     """Counts of the index, the bytes stored, the quarantine, and the space left."""
     counts = archive.counts()
-    with archive.index.engine.connect() as conn:
-        stored = conn.execute(select(func.coalesce(func.sum(instances.c.size), 0))).scalar_one()
     data_dir = archive.settings.data_dir
     try:
         disk = shutil.disk_usage(data_dir)
@@ -608,7 +604,7 @@ def statistics_of(archive: Archive) -> dict[str, Any]:
         free = total = None
     return {
         **counts,
-        "stored_bytes": int(stored),
+        "stored_bytes": archive.stored_bytes(),
         "quarantined": len(archive.quarantined()),
         "disk_free_bytes": free,
         "disk_total_bytes": total,
