@@ -37,7 +37,6 @@ Routes:
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 import shutil
 import time
@@ -69,6 +68,7 @@ from stockade.security.posture import assess
 from stockade.security.quarantine import QuarantineEntry
 from stockade.web.app import actor_of, archive_of
 from stockade.web.auth import principal_of
+from stockade.web.body import json_object
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -97,28 +97,9 @@ T = TypeVar("T")
 
 
 async def body_of(request: Request) -> dict[str, Any]:
-    """The request's JSON object, at most :data:`MAX_BODY` bytes.
-
-    Raises
-    ------
-    InvalidRequest
-        Too large, not JSON, or not an object.
-    """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise InvalidRequest(f"the body is larger than {MAX_BODY} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise InvalidRequest(f"the body is larger than {MAX_BODY} bytes")
-    try:
-        data = json.loads(bytes(body) or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body is not JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    return data
+    """The request's JSON object, at most :data:`MAX_BODY` bytes (see
+    :func:`stockade.web.body.json_object`)."""
+    return await json_object(request, MAX_BODY)
 
 
 def text_field(data: dict[str, Any], key: str, *, size: int = MAX_TEXT) -> str:

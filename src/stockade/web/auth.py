@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import html
-import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
 
@@ -39,6 +38,7 @@ from stockade.auth.service import Principal, require
 from stockade.errors import InvalidQuery, NotAuthenticated, StockadeError
 from stockade.settings import is_loopback
 from stockade.web import ui
+from stockade.web.body import json_object
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -179,21 +179,6 @@ def _to_login(path: str = "", query: str = "") -> Response:
     )
 
 
-async def _json(request: Request) -> dict[str, Any]:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_AUTH_BODY:
-            raise InvalidQuery("request body too large")
-    try:
-        data = json.loads(body or b"{}")
-    except ValueError:
-        raise InvalidQuery("the body is not JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidQuery("the body must be a JSON object")
-    return data
-
-
 def _text(data: dict[str, Any], key: str) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not value or len(value) > 1024:
@@ -209,7 +194,7 @@ async def login(request: Request) -> Response:
     """``POST /auth/login``: open a browser session."""
     from stockade.web.app import archive_of
 
-    data = await _json(request)
+    data = await json_object(request, MAX_AUTH_BODY)
     name, password = _text(data, "username"), _text(data, "password")
     archive = archive_of(request)
     principal, secret, csrf = await run_in_threadpool(
@@ -250,7 +235,7 @@ async def change_password(request: Request) -> Response:
     """``POST /auth/password``: change one's own password (also the first-login change)."""
     from stockade.web.app import actor_of, archive_of
 
-    data = await _json(request)
+    data = await json_object(request, MAX_AUTH_BODY)
     current, new = _text(data, "current"), _text(data, "new")
     principal = principal_of(request)
     archive = archive_of(request)

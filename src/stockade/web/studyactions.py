@@ -32,7 +32,6 @@ missing one (404). Unsafe methods with the session cookie need ``X-CSRF-Token``
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 import time
@@ -54,6 +53,7 @@ from stockade.errors import InvalidQuery, NotFound, StockadeError
 from stockade.retrieve import Retrieval, StoredInstance
 from stockade.web.app import actor_of, archive_of, path_uids, scope_of
 from stockade.web.auth import principal_of
+from stockade.web.body import json_object
 from stockade.web.wado import RetrievalStream
 
 __all__ = ["MAX_BODY", "ROUTES", "ZipStream", "entry_names"]
@@ -289,21 +289,6 @@ async def study_zip(request: Request) -> Response:
     )
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise InvalidQuery(f"the request body is larger than {MAX_BODY} bytes")
-    try:
-        data = json.loads(body or b"{}")
-    except ValueError:
-        raise InvalidQuery("the body is not JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidQuery("the body must be a JSON object")
-    return data
-
-
 async def send_study(request: Request) -> Response:
     """``POST /api/studies/{study}/send``: C-STORE the study to a configured node (PS3.4
     B.2), as ``stockade send`` does; audited ``InstancesRetrieved`` (service ``send``)."""
@@ -312,7 +297,7 @@ async def send_study(request: Request) -> Response:
 
     require(principal_of(request), Permission.DOWNLOAD)
     study = _study(request)
-    data = await _json_body(request)
+    data = await json_object(request, MAX_BODY)
     name = data.get("node")
     if not isinstance(name, str) or not name or len(name) > 64:
         raise InvalidQuery('the body must name a node: {"node": "<name>"}')
