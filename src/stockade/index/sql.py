@@ -114,6 +114,19 @@ class _SqliteWriteLock:
         self._thread_lock.release()
 
 
+def _node_row(node: Node) -> dict[str, Any]:
+    """The columns of a ``nodes`` row for *node*."""
+    return {
+        "name": node.name,
+        "ae_title": node.ae_title,
+        "host": node.host,
+        "port": node.port,
+        "allow": ",".join(sorted(node.allow)),
+        "tls": node.tls,
+        "cert_sha256": node.cert_sha256,
+    }
+
+
 class SqlIndex:
     """An :class:`~stockade.index.base.Index` over SQLite or PostgreSQL."""
 
@@ -552,18 +565,7 @@ class SqlIndex:
         """
         try:
             with self._writing() as conn:
-                conn.execute(
-                    nodes.insert().values(
-                        name=node.name,
-                        ae_title=node.ae_title,
-                        host=node.host,
-                        port=node.port,
-                        allow=",".join(sorted(node.allow)),
-                        tls=node.tls,
-                        cert_sha256=node.cert_sha256,
-                        created_at=_now(),
-                    )
-                )
+                conn.execute(nodes.insert().values(**_node_row(node), created_at=_now()))
         except SAIntegrityError:
             raise ConfigError(f"a node named {node.name!r} exists already") from None
 
@@ -578,17 +580,7 @@ class SqlIndex:
         try:
             with self._writing() as conn:
                 changed = conn.execute(
-                    nodes.update()
-                    .where(nodes.c.name == name)
-                    .values(
-                        name=node.name,
-                        ae_title=node.ae_title,
-                        host=node.host,
-                        port=node.port,
-                        allow=",".join(sorted(node.allow)),
-                        tls=node.tls,
-                        cert_sha256=node.cert_sha256,
-                    )
+                    nodes.update().where(nodes.c.name == name).values(**_node_row(node))
                 )
                 return changed.rowcount > 0
         except SAIntegrityError:
