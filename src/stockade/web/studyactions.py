@@ -48,13 +48,12 @@ from starlette.routing import BaseRoute, Route
 from stockade.auth.roles import Permission
 from stockade.auth.service import require
 from stockade.dicom.attributes import Level
-from stockade.dicom.part10 import PREAMBLE_LENGTH, ZERO_PREAMBLE
 from stockade.errors import InvalidQuery, NotFound, StockadeError
-from stockade.retrieve import Retrieval, StoredInstance
+from stockade.retrieve import StoredInstance
 from stockade.web.app import actor_of, archive_of, path_uids, scope_of
 from stockade.web.auth import principal_of
 from stockade.web.body import json_object
-from stockade.web.wado import RetrievalStream
+from stockade.web.wado import RetrievalStream, stored_part10
 
 __all__ = ["MAX_BODY", "ROUTES", "ZipStream", "entry_names"]
 
@@ -218,20 +217,6 @@ def entry_names(instances: Sequence[StoredInstance]) -> list[str]:
     return names
 
 
-def _part10(retrieval: Retrieval, inst: StoredInstance) -> list[bytes | memoryview]:
-    """The stored Part 10 file of *inst*, checked against its SHA-256, with a zero preamble.
-
-    Raises
-    ------
-    IntegrityError
-        See :meth:`Retrieval.read`.
-    """
-    data = retrieval.read(inst)
-    if data[:PREAMBLE_LENGTH] != ZERO_PREAMBLE:  # stored files have one; never send another
-        return [ZERO_PREAMBLE, memoryview(data)[PREAMBLE_LENGTH:]]
-    return [data]
-
-
 # -- routes ----------------------------------------------------------------------------------
 
 
@@ -266,7 +251,7 @@ async def study_zip(request: Request) -> Response:
         for inst, name in zip(retrieval.instances, names, strict=True):
 
             def one(inst: StoredInstance = inst, name: str = name) -> list[bytes | memoryview]:
-                return writer.entry(name, _part10(retrieval, inst))
+                return writer.entry(name, stored_part10(retrieval, inst))
 
             try:
                 chunks = await run_in_threadpool(one)

@@ -297,6 +297,21 @@ _ATTACHMENT = {"Content-Disposition": "attachment"}
 # -- instances (PS3.18 10.4.1.1.1) -----------------------------------------------------------
 
 
+def stored_part10(retrieval: Retrieval, inst: StoredInstance) -> list[bytes | memoryview]:
+    """The stored Part 10 file of *inst*, checked against its SHA-256, as chunks with a zero
+    preamble (PS3.10 7.1; stored blobs have one, and no other is ever sent).
+
+    Raises
+    ------
+    IntegrityError
+        See :meth:`Retrieval.read`.
+    """
+    data = retrieval.read(inst)
+    if data[:PREAMBLE_LENGTH] != ZERO_PREAMBLE:
+        return [ZERO_PREAMBLE, memoryview(data)[PREAMBLE_LENGTH:]]
+    return [data]
+
+
 def _dicom_part(
     retrieval: Retrieval, inst: StoredInstance, candidates: Sequence[str]
 ) -> tuple[str, list[bytes | memoryview]]:
@@ -316,10 +331,7 @@ def _dicom_part(
             "in any transfer syntax the Accept header allows"
         )
     if wanted[0] == inst.transfer_syntax:
-        data = retrieval.read(inst)
-        if data[:PREAMBLE_LENGTH] != ZERO_PREAMBLE:  # stored blobs have one; never send other
-            return wanted[0], [ZERO_PREAMBLE, memoryview(data)[PREAMBLE_LENGTH:]]
-        return wanted[0], [data]
+        return wanted[0], stored_part10(retrieval, inst)
     ts, body = retrieval.dataset(inst, wanted)
     header = file_header(inst.sop_class_uid, inst.sop_instance_uid, ts, None)
     return ts, [header, body]
