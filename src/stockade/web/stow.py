@@ -62,13 +62,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections import deque
 from collections.abc import Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -98,6 +99,7 @@ from stockade.web.multipart import (
     check_boundary,
     read_parts,
 )
+from stockade.web.workers import in_thread
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -146,9 +148,11 @@ class StudyMismatch(DatasetMismatch):
     code = "study-mismatch"
 
 
-#: Parts stored at once while the request is still arriving, and the most bytes they hold.
+#: Parts queued for staging while the request is still arriving, and the most bytes they hold.
 STORE_AHEAD = 4
 STORE_AHEAD_BYTES = 256 * 1024 * 1024
+#: Most staged parts recorded in one index transaction.
+RECORD_BATCH = 100
 
 
 def media_type(value: str) -> tuple[str, dict[str, str]]:
@@ -474,83 +478,142 @@ def base_url(request: Request) -> str:
 class _Parts:
     """The parts of one STOW-RS request on their way through ingest, in order.
 
-    Each complete part is checked and staged (:func:`prepare_part`) in a worker thread while
-    the next ones arrive, at most :data:`STORE_AHEAD` parts and :data:`STORE_AHEAD_BYTES`
-    at once; its bytes are let go once it is staged. Staged parts are recorded together
-    (:func:`finish_parts`): whenever no recording of this request is running, every part
-    staged so far goes into the next one, so the index transactions and audit appends of a
-    request are as few as the arrival of its parts allows, and overlap with it. Nothing is
-    answered before :meth:`finish` has recorded every part (PS3.18 10.5: the response
-    follows the whole request).
+    A worker thread takes the complete parts from a queue as they arrive: it checks and
+    stages each (:func:`prepare_part`) and lets go of its bytes, and it records what it
+    has staged (:func:`finish_parts`: one index transaction, one audit append) whenever the
+    queue runs dry and every :data:`RECORD_BATCH` parts. The thread runs while there is
+    work and ends when the queue is empty (a slow client holds no thread); the next part
+    starts another. The event loop meanwhile receives the next parts; it waits only when
+    :data:`STORE_AHEAD` parts or :data:`STORE_AHEAD_BYTES` are queued, and is woken only
+    then. So a request whose parts come quickly costs a few thread wake-ups rather than two
+    per part (a wake-up costs about 0.15 ms of CPU on a small virtual machine, as much as
+    cutting the part out of the body). Nothing is answered before :meth:`finish` has
+    recorded every part (PS3.18 10.5: the response follows the whole request).
     """
 
     def __init__(self, archive: Archive, origin: Origin, study: str | None) -> None:
         self.archive, self.origin, self.study = archive, origin, study
         self.outcomes: list[Outcome | None] = []
-        self.staging: deque[tuple[int, asyncio.Future[Prepared | Outcome], int]] = deque()
+        self.sizes: deque[int] = deque()  # bytes of the parts queued and not staged yet
         self.held = 0
-        self.staged: list[tuple[int, Prepared]] = []
-        self.recording: asyncio.Future[None] | None = None
+        self.queued = 0  # parts given to the thread
+        self.taken = 0  # parts the event loop knows are staged
+        self.work: SimpleQueue[tuple[int, bytearray]] = SimpleQueue()
+        self.runs: list[asyncio.Future[None]] = []
+        self.done = 0  # parts the thread has staged or refused (thread side)
+        self.lock = threading.Lock()
+        self.running = False  # under lock
+        self.broken = False  # under lock: a run failed, no other starts
+        self.staged = 0  # under lock: what the event loop may know of self.done
+        self.waiter: tuple[int, asyncio.Future[None]] | None = None  # under lock
+        self.loop = asyncio.get_running_loop()
 
     def add_outcome(self, outcome: Outcome) -> None:
         """A part refused before ingest."""
         self.outcomes.append(outcome)
 
     async def add(self, body: bytearray) -> None:
-        """Start staging a complete part (waits while too many are being staged)."""
-        await self._collect(STORE_AHEAD, len(body))
+        """Queue a complete part (waits while too many are queued)."""
+        while self.sizes and (
+            len(self.sizes) >= STORE_AHEAD or self.held + len(body) > STORE_AHEAD_BYTES
+        ):
+            await self._staged(self.taken + 1)
         slot = len(self.outcomes)
         self.outcomes.append(None)
-        future = asyncio.ensure_future(
-            run_in_threadpool(prepare_part, self.archive, body, self.origin, self.study)
-        )
-        self.staging.append((slot, future, len(body)))
+        self.sizes.append(len(body))
         self.held += len(body)
-        self._record()
-
-    async def _collect(self, room: int, size: int) -> None:
-        """Take staged parts off the front, waiting until fewer than *room* parts and
-        ``STORE_AHEAD_BYTES - size`` bytes are being staged."""
-        while self.staging:
-            slot, future, length = self.staging[0]
-            if not future.done() and not (
-                len(self.staging) >= room or self.held + size > STORE_AHEAD_BYTES
-            ):
-                break
-            result = await asyncio.shield(future)  # a part being staged is not given up
-            self.staging.popleft()
-            self.held -= length
-            if isinstance(result, Outcome):
-                self.outcomes[slot] = result
-            else:
-                self.staged.append((slot, result))
-        self._record()
-
-    def _record(self) -> None:
-        """Start recording what is staged, unless a recording of this request runs."""
-        if self.recording is not None:
-            if not self.recording.done():
+        self.queued += 1
+        self.work.put((slot, body))
+        with self.lock:
+            if self.running or self.broken:
                 return
-            previous, self.recording = self.recording, None
-            previous.result()  # raise what went wrong
-        if self.staged:
-            batch, self.staged = self.staged, []
-            self.recording = asyncio.ensure_future(self._finish(batch))
+            self.running = True
+        self.runs = [run for run in self.runs if not run.done()] + [
+            asyncio.ensure_future(in_thread(self._run))
+        ]
 
-    async def _finish(self, batch: list[tuple[int, Prepared]]) -> None:
-        done = await run_in_threadpool(finish_parts, self.archive, [p for _, p in batch])
-        for (slot, _prepared), outcome in zip(batch, done, strict=True):
+    async def _staged(self, count: int) -> None:
+        """Wait until the thread has staged *count* parts, then let go of their sizes."""
+        with self.lock:
+            ready = self.staged >= count
+            if not ready:
+                future = self.loop.create_future()
+                self.waiter = (count, future)
+        if not ready:
+            await asyncio.shield(future)
+        with self.lock:
+            staged = self.staged
+        while self.taken < min(staged, self.queued):
+            self.held -= self.sizes.popleft()
+            self.taken += 1
+
+    def _signal(self, staged: int) -> None:
+        """In the thread: *staged* parts are staged; wake the event loop if it waits."""
+        with self.lock:
+            self.staged = staged
+            waiter = self.waiter
+            if waiter is None or waiter[0] > staged:
+                return
+            self.waiter = None
+        self.loop.call_soon_threadsafe(_wake, waiter[1])
+
+    def _run(self) -> None:
+        """The worker thread: stage the queued parts in order, record them in batches,
+        end when the queue is empty."""
+        staged: list[tuple[int, Prepared]] = []
+        try:
+            while True:
+                try:
+                    slot, body = self.work.get_nowait()
+                except Empty:
+                    self._record(staged)
+                    with self.lock:
+                        if self.work.empty():
+                            self.running = False
+                            return
+                    continue
+                result = prepare_part(self.archive, body, self.origin, self.study)
+                del body
+                if isinstance(result, Outcome):
+                    self.outcomes[slot] = result
+                else:
+                    staged.append((slot, result))
+                self.done += 1
+                self._signal(self.done)
+                if len(staged) >= RECORD_BATCH:
+                    self._record(staged)
+        except BaseException:
+            with self.lock:
+                self.running, self.broken = False, True
+            self._signal(1 << 62)  # nothing more will be staged: no waiting for it
+            raise
+
+    def _record(self, staged: list[tuple[int, Prepared]]) -> None:
+        """In the thread: record *staged* together and empty it."""
+        if not staged:
+            return
+        outcomes = finish_parts(self.archive, [p for _, p in staged])
+        for (slot, _prepared), outcome in zip(staged, outcomes, strict=True):
             self.outcomes[slot] = outcome
+        staged.clear()
 
     async def finish(self) -> list[Outcome]:
         """Wait until every part is staged and recorded; the outcomes, in order (parts
-        whose staging or recording was cut short by an error are left out)."""
-        while self.staging or self.staged or self.recording is not None:
-            if self.recording is not None:
-                recording, self.recording = self.recording, None
-                await asyncio.shield(recording)
-            await self._collect(1, 0)  # waits for every part being staged
+        whose staging or recording was cut short by an error are left out).
+
+        Raises
+        ------
+        Exception
+            What went wrong in the thread.
+        """
+        while self.runs:
+            await asyncio.shield(self.runs.pop(0))
         return [o for o in self.outcomes if o is not None]
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def store(request: Request) -> Response:

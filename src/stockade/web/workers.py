@@ -1,0 +1,51 @@
+"""Worker threads for the blocking steps of the hot paths: staging and recording STOW-RS
+parts (PS3.18 10.5), reading each instance of a WADO-RS retrieve (PS3.18 10.4).
+
+Starlette's ``run_in_threadpool`` goes through anyio on every call (a capacity limiter, a
+cancel scope, a copy of the context); these paths make a call per instance, so they use one
+executor per process through asyncio's ``run_in_executor`` instead. Like anyio, a call whose
+caller is cancelled is not abandoned: the caller waits until the thread is done with it, so
+that nothing the thread still uses (a retrieval, a staging file) is cleaned up under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: Threads of the executor: the parts several STOW-RS requests stage at once, their
+#: recordings and the reads of the WADO-RS retrieves being served.
+THREADS = 32
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = -1
+_lock = threading.Lock()
+
+
+def pool() -> ThreadPoolExecutor:
+    """The executor of this process (made on first use)."""
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():
+        with _lock:
+            if _pool is None or _pool_pid != os.getpid():
+                _pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="web")
+                _pool_pid = os.getpid()
+    return _pool
+
+
+async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run ``fn(*args)`` in a worker thread and return its result; if the caller is
+    cancelled meanwhile, wait for the thread to finish before the cancellation goes on."""
+    future = asyncio.get_running_loop().run_in_executor(pool(), fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if not future.done():
+            await asyncio.wait([future])
+        raise
