@@ -413,3 +413,51 @@ def test_the_signed_in_user_is_recorded_as_the_sender(
     assert [(e.sop_instance_uid, e.actor.user, e.actor.via) for e in stored] == [
         (ds.SOPInstanceUID, "test-technologist", "web")
     ]
+
+
+def test_parts_recorded_in_several_batches_keep_their_order(
+    client: TestClient, archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's worker thread records every RECORD_BATCH staged parts; the answer and
+    the index hold every part, in order, whatever the batches were."""
+    from stockade.web import stow
+
+    monkeypatch.setattr(stow, "RECORD_BATCH", 2)
+    monkeypatch.setattr(stow, "STORE_AHEAD", 3)
+    datasets = [make_dataset() for _ in range(9)]
+    batches: list[int] = []
+    finish = stow.finish_parts
+
+    def counting(arch: Archive, prepared: list[Any]) -> list[Any]:
+        batches.append(len(prepared))
+        return finish(arch, prepared)
+
+    monkeypatch.setattr(stow, "finish_parts", counting)
+    response = post(client, multipart(map(part10, datasets)))
+    assert response.status_code == 200, response.text
+    referenced = [values(item, SOP_INSTANCE)[0] for item in response.json()[REFERENCED]["Value"]]
+    assert referenced == [d.SOPInstanceUID for d in datasets]
+    assert sum(batches) == 9 and max(batches) <= 2
+    assert archive.counts()["instances"] == 9
+
+
+def test_a_failure_in_the_worker_thread_is_answered(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error while recording ends the request with a 500 problem document
+    (the parts after it are not waited for forever), and the server goes on."""
+    from stockade.web import stow
+
+    def broken(arch: Archive, prepared: list[Any]) -> list[Any]:
+        raise RuntimeError("index went away")
+
+    client = authed(TestClient(create_app(archive), raise_server_exceptions=False), archive)
+    monkeypatch.setattr(stow, "RECORD_BATCH", 1)
+    monkeypatch.setattr(stow, "finish_parts", broken)
+    response = post(client, multipart(part10(make_dataset()) for _ in range(8)))
+    assert response.status_code == 500
+    assert "index went away" not in response.text
+    monkeypatch.undo()
+    ds = make_dataset()
+    assert post(client, multipart([part10(ds)])).status_code == 200
+    assert archive.find_instance(ds.SOPInstanceUID) is not None

@@ -186,7 +186,8 @@ class FilesystemBlobStore:
         self._area_pid = -1
         self._lock_fd = -1
         self._area_lock = threading.Lock()
-        # fsync releases the GIL: a small pool runs it beside the SHA-256 of the same bytes.
+        # fsync releases the GIL: a small pool runs the fsync of a streamed object (a DIMSE
+        # C-STORE) while its last bytes are hashed, and refills the spare staging files.
         self._syncer: ThreadPoolExecutor | None = None
         self._folders: set[str] = set()  # blob folders known to exist
         self._unsynced: set[str] = set()  # blob folders renamed into since their last fsync
@@ -195,8 +196,6 @@ class FilesystemBlobStore:
         self._spares: list[str] = []
         self._spares_lock = threading.Lock()
         self._refilling = False
-        self._staging = 0  # stage() calls running
-        self._staging_lock = threading.Lock()
 
     # -- staging ---------------------------------------------------------------------------
 
@@ -284,27 +283,12 @@ class FilesystemBlobStore:
             try:
                 views = [memoryview(part) for part in parts]
                 size = sum(len(view) for view in views)
-                with self._staging_lock:
-                    self._staging += 1
-                    alone = self._staging == 1
-                try:
-                    if alone:
-                        # Writing, fsync and SHA-256 all release the GIL: the pool writes and
-                        # syncs while this thread hashes the same bytes.
-                        written = self._pool().submit(_write_and_sync, fd, views)
-                        for view in views:
-                            digest.update(view)
-                        written.result()
-                    else:
-                        # Other objects are being staged at the same time (a STOW-RS request's
-                        # parts): they keep the cores busy, and handing over to the pool
-                        # would only add thread switches.
-                        for view in views:
-                            digest.update(view)
-                        _write_and_sync(fd, views)
-                finally:
-                    with self._staging_lock:
-                        self._staging -= 1
+                # In the calling thread: handing the write and fsync to another thread to
+                # overlap them with the SHA-256 cost two thread wake-ups per object, more
+                # CPU than the hash itself on a small virtual machine (docs/benchmarks.md).
+                for view in views:
+                    digest.update(view)
+                _write_and_sync(fd, views)
             finally:
                 os.close(fd)
             if fresh:
