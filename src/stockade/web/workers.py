@@ -23,20 +23,32 @@ T = TypeVar("T")
 #: recordings and the reads of the WADO-RS retrieves being served.
 THREADS = 32
 
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = -1
-_lock = threading.Lock()
+
+class _Pool:
+    """The executor of this process (made on first use, again in a forked child)."""
+
+    def __init__(self) -> None:
+        self.executor: ThreadPoolExecutor | None = None
+        self.pid = -1
+        self.lock = threading.Lock()
+
+    def get(self) -> ThreadPoolExecutor:
+        executor = self.executor
+        if executor is not None and self.pid == os.getpid():
+            return executor
+        with self.lock:
+            if self.executor is None or self.pid != os.getpid():
+                self.executor = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="web")
+                self.pid = os.getpid()
+            return self.executor
+
+
+_POOL = _Pool()
 
 
 def pool() -> ThreadPoolExecutor:
-    """The executor of this process (made on first use)."""
-    global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():
-        with _lock:
-            if _pool is None or _pool_pid != os.getpid():
-                _pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="web")
-                _pool_pid = os.getpid()
-    return _pool
+    """The executor of this process."""
+    return _POOL.get()
 
 
 async def in_thread(fn: Callable[..., T], *args: object) -> T:
