@@ -155,6 +155,22 @@ async def problem(request: Request, exc: Exception) -> Response:
     return problem_response(500, _TITLES[500], "internal error; see the server log", "internal")
 
 
+class Activity:
+    """The HTTP requests this process is serving (a streamed answer counts until its last
+    byte): background work, such as warming the metadata cache, gives way to them."""
+
+    def __init__(self) -> None:
+        self.requests = 0  # changed by the event loop only; read by other threads
+
+    def busy(self) -> bool:
+        """Whether a request is being served."""
+        return self.requests > 0
+
+
+#: This process's requests (counted by :class:`SecurityHeaders`, which sees every one).
+ACTIVITY = Activity()
+
+
 class SecurityHeaders:
     """ASGI middleware adding :data:`SECURITY_HEADERS` to every response, and
     :data:`HTTPS_HEADERS` to those sent over HTTPS."""
@@ -195,7 +211,11 @@ class SecurityHeaders:
                 message["headers"] = headers + extra
             await send(message)
 
-        await self.app(scope, receive, with_headers)
+        ACTIVITY.requests += 1
+        try:
+            await self.app(scope, receive, with_headers)
+        finally:
+            ACTIVITY.requests -= 1
 
 
 def dicomweb_routes() -> list[BaseRoute]:

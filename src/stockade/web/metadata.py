@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -111,14 +112,21 @@ def instance_json(data: bytes | bytearray | memoryview, inst: StoredInstance) ->
     return dataset_json(ds, instance_prefix(inst) + "/bulkdata/")
 
 
-def build(retrieval: Retrieval, instances: list[StoredInstance]) -> bytes:
+def build(
+    retrieval: Retrieval,
+    instances: list[StoredInstance],
+    pause: Callable[[], None] | None = None,
+) -> bytes:
     """The DICOM JSON array of *instances* (relative BulkDataURIs), reading each verified blob.
 
     An instance that cannot be read (integrity, parse) is left out and counted as failed in
-    *retrieval*; the others are counted as completed.
+    *retrieval*; the others are counted as completed. *pause*, when given, is called before
+    each instance (background work waits there while requests are served).
     """
     objects = []
     for inst in instances:
+        if pause is not None:
+            pause()
         try:
             objects.append(instance_json(retrieval.read(inst), inst))
         except StockadeError as exc:

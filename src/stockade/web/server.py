@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import errno
 import fcntl
+import functools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -31,7 +33,7 @@ from stockade.errors import StockadeError
 from stockade.security.tls import http_server_context
 from stockade.settings import Settings, load
 from stockade.web import metadata
-from stockade.web.app import create_app
+from stockade.web.app import ACTIVITY, create_app
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -53,6 +55,7 @@ class MetadataWarmer(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        _lower_priority()
         folder = self.archive.settings.data_dir / "cache" / "metadata"
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / ".warmer.lock", "wb") as lock:
@@ -81,13 +84,37 @@ class MetadataWarmer(threading.Thread):
                     Level.SERIES,
                     {"StudyInstanceUID": study, "SeriesInstanceUID": series},
                     actor=Actor(via="internal"),
-                    build=metadata.build,
+                    build=functools.partial(metadata.build, pause=self.give_way),
                     service="cache",
                 )
             except StockadeError as exc:  # gone, or too large: a request will tell
                 log.info("metadata of series %s not built: %s", series, exc.reason)
             since = max(since, when if when.tzinfo else when.replace(tzinfo=UTC))
         return since
+
+    def give_way(self) -> None:
+        """Before each instance: wait while this process serves requests, up to
+        :data:`WARM_GIVE_WAY` seconds (a process that is never idle still gets its cache,
+        slowly); the worker thread shares the interpreter with the requests."""
+        waited = 0.0
+        while ACTIVITY.busy() and waited < WARM_GIVE_WAY and not self.stopping.is_set():
+            self.stopping.wait(WARM_POLL)
+            waited += WARM_POLL
+
+
+#: The longest the metadata warmer waits for idleness before each instance, and how often
+#: it looks.
+WARM_GIVE_WAY = 2.0
+WARM_POLL = 0.02
+
+
+def _lower_priority() -> None:
+    """Give the calling thread a lower CPU priority (nice 10; Linux schedules threads
+    one by one), so that background work takes only the CPU requests leave."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed
+        log.debug("background thread keeps its priority: %s", exc)
 
 
 #: How long a worker waits before it accepts a connection, per connection it serves already
