@@ -211,6 +211,8 @@ def one_series(count: int) -> tuple[str, str, list[bytes]]:
     template.Rows = template.Columns = 16
     template.preamble = bytes(128)
     template.PixelData = bytes(16 * 16 * 2)
+    if 0xFFFCFFFC in template:  # Data Set Trailing Padding: Stockade strips it with a warning
+        del template[0xFFFCFFFC]
     study, series = generate_uid(), generate_uid()
     out = []
     for number in range(1, count + 1):
