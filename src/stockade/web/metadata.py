@@ -27,22 +27,18 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 from stockade.errors import StockadeError
+from stockade.web import fastjson
+from stockade.web.fastjson import BULK_THRESHOLD, BULK_VRS, PIXEL_TAGS
 
 if TYPE_CHECKING:
     from stockade.retrieve import Retrieval, StoredInstance
 
 log = logging.getLogger(__name__)
 
-#: Binary values longer than this (bytes) are bulk data (PS3.18 F.2.6 leaves the choice).
-BULK_THRESHOLD = 1024
-#: Binary value representations (PS3.5 6.2) whose large values are bulk data.
-BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
-#: Pixel data attributes: always bulk data, whatever their size.
-PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _MARKER = b'"BulkDataURI":"/studies/'
 
 
@@ -64,7 +60,9 @@ def instance_prefix(inst: StoredInstance) -> str:
     )
 
 
-def dataset_json(ds: Dataset, bulk_prefix: str, path: tuple[str, ...] = ()) -> dict[str, Any]:
+def dataset_json(
+    ds: Dataset, bulk_prefix: str, path: tuple[str, ...] = (), codec: str | None = None
+) -> dict[str, Any]:
     """*ds* as a DICOM JSON object (PS3.18 F.2) with bulk data as ``BulkDataURI``s.
 
     Parameters
@@ -75,14 +73,27 @@ def dataset_json(ds: Dataset, bulk_prefix: str, path: tuple[str, ...] = ()) -> d
         The instance's bulkdata resource, ending with ``/bulkdata/``.
     path : tuple of str
         Tag path of *ds* inside the instance (empty for the data set itself).
+    codec : str, optional
+        The Python codec of the data set's Specific Character Set when :mod:`fastjson`
+        may convert its text (found from *ds* itself at the top level).
     """
+    if not path:
+        codec = fastjson.text_codec(ds)
     out: dict[str, Any] = {}
-    for elem in ds:
-        key = f"{elem.tag:08X}"
+    for raw in ds.elements():
+        key = f"{raw.tag:08X}"
+        if codec is not None and isinstance(raw, RawDataElement):
+            fast = fastjson.element(raw, codec, top_level=not path)
+            if fast is not None:
+                out[key] = fast
+                if "BulkDataURI" in fast:
+                    fast["BulkDataURI"] = bulk_prefix + "/".join((*path, key))
+                continue
+        elem = ds[raw.tag]
         here = (*path, key)
         if elem.VR == "SQ":
             items = [
-                dataset_json(item, bulk_prefix, (*here, str(index)))
+                dataset_json(item, bulk_prefix, (*here, str(index)), codec)
                 for index, item in enumerate(elem.value or ())
             ]
             out[key] = {"vr": "SQ", "Value": items}
