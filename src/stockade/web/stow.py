@@ -487,8 +487,9 @@ class _Parts:
     :data:`STORE_AHEAD` parts or :data:`STORE_AHEAD_BYTES` are queued, until half of them
     are staged, and is woken only then. So a request whose parts come quickly costs a
     few thread wake-ups rather than two per part (a wake-up costs about 0.15 ms of CPU on
-    a small virtual machine, as much as cutting the part out of the body). Nothing is answered before :meth:`finish` has
-    recorded every part (PS3.18 10.5: the response follows the whole request).
+    a small virtual machine, as much as cutting the part out of the body). Nothing is
+    answered before :meth:`finish` has recorded every part (PS3.18 10.5: the response
+    follows the whole request).
     """
 
     def __init__(self, archive: Archive, origin: Origin, study: str | None) -> None:
