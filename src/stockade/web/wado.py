@@ -71,7 +71,7 @@ from stockade.errors import (
     StockadeError,
 )
 from stockade.retrieve import Retrieval
-from stockade.web import dicomxml, metadata
+from stockade.web import dicomxml, fastjson, metadata
 from stockade.web.app import BASE, actor_of, archive_of, path_uids, scope_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE
 
@@ -691,7 +691,7 @@ def _bulk_value(retrieval: Retrieval, inst: StoredInstance, path: list[int | str
             if index >= len(node):
                 raise NotFound(where)
             node = node[index]
-    if node.VR not in metadata.BULK_VRS or not isinstance(node.value, bytes | bytearray):
+    if node.VR not in fastjson.BULK_VRS or not isinstance(node.value, bytes | bytearray):
         raise NotFound(where)
     return bytes(node.value)
 
