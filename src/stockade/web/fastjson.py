@@ -23,7 +23,6 @@ decode) returns ``None``, and the caller lets pydicom convert that element.
 from __future__ import annotations
 
 import base64
-import re
 import struct
 from typing import Any
 
@@ -53,8 +52,15 @@ _NUMBERS = {
     "SV": "q",
     "UV": "Q",
 }
-_IS = re.compile(r"[+-]?[0-9]{1,12}")
-_DS = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+#: Characters of a decimal string (PS3.5 6.2, DS): what remains after deleting them
+#: must be nothing (float() alone would also take "nan", "inf", "1_0" and spaces).
+_DS_CHARS = str.maketrans("", "", "0123456789+-.eE")
+
+
+def _integer(text: str) -> bool:
+    """Whether *text* is an integer string (PS3.5 6.2, IS: an optional sign and digits)."""
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    return 0 < len(digits) <= 12 and digits.isdigit() and digits.isascii()
 
 
 def text_codec(ds: Dataset) -> str | None:
@@ -123,14 +129,18 @@ def element(raw: RawDataElement, codec: str, *, top_level: bool) -> dict[str, An
         parts = _components(value, "ascii")
         if parts is None:
             return None
-        pattern = _IS if vr == "IS" else _DS
-        if not all(pattern.fullmatch(p) for p in parts):
-            return None
         if not parts:
             return {"vr": vr}
         if vr == "IS":
+            if not all(_integer(p) for p in parts):
+                return None
             return {"vr": vr, "Value": [int(p) for p in parts]}
-        return {"vr": vr, "Value": [float(p) for p in parts]}
+        if any(p.translate(_DS_CHARS) for p in parts):
+            return None
+        try:
+            return {"vr": vr, "Value": [float(p) for p in parts]}
+        except ValueError:  # "1e", "+-1", "..."
+            return None
     else:
         return None
     if parts is None:
