@@ -97,7 +97,6 @@ AWKWARD: list[tuple[str, str, Any]] = [
     ("InstanceNumber", "IS", " 7"),
     ("InstanceNumber", "IS", "+-7"),
     ("SliceThickness", "DS", "1e"),
-    ("SliceThickness", "DS", "nan"),
     ("SliceThickness", "DS", "1_0"),
     ("Rows", "US", 512),
     ("ReferencedFrameNumber", "IS", "1\\2\\3"),

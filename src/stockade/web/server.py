@@ -34,6 +34,7 @@ from stockade.security.tls import http_server_context
 from stockade.settings import Settings, load
 from stockade.web import metadata
 from stockade.web.app import ACTIVITY, create_app
+from stockade.web.http11 import BoundedHttpTools
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -181,7 +182,7 @@ def serve_http(settings: Settings, sock: socket.socket) -> None:
             access_log=False,
             server_header=False,
             proxy_headers=False,
-            h11_max_incomplete_event_size=64 * 1024,
+            http=BoundedHttpTools,
             timeout_keep_alive=max(1, int(settings.dicom_idle_timeout)),
             ssl_context_factory=None if tls is None else (lambda _config, _default: tls),
         )
