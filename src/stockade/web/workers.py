@@ -1,11 +1,11 @@
-"""Worker threads for the blocking steps of the hot paths: staging and recording STOW-RS
-parts (PS3.18 10.5), reading each instance of a WADO-RS retrieve (PS3.18 10.4).
+"""Worker threads for the per-request staging work of STOW-RS (PS3.18 10.5).
 
 Starlette's ``run_in_threadpool`` goes through anyio on every call (a capacity limiter, a
-cancel scope, a copy of the context); these paths make a call per instance, so they use one
-executor per process through asyncio's ``run_in_executor`` instead. Like anyio, a call whose
-caller is cancelled is not abandoned: the caller waits until the thread is done with it, so
-that nothing the thread still uses (a retrieval, a staging file) is cleaned up under it.
+cancel scope, a copy of the context); STOW-RS starts a worker run whenever a request's
+queue of parts fills again, so it uses one executor per process through asyncio's
+``run_in_executor`` instead. Like anyio, a call whose caller is cancelled is not
+abandoned: the caller waits until the thread is done with it, so that nothing the thread
+still uses (a staging file) is cleaned up under it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-#: Threads of the executor: the parts several STOW-RS requests stage at once, their
-#: recordings and the reads of the WADO-RS retrieves being served.
+#: Threads of the executor: one per STOW-RS request whose parts are being staged.
 THREADS = 32
 
 
