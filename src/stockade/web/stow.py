@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -99,7 +100,6 @@ from stockade.web.multipart import (
     check_boundary,
     read_parts,
 )
-from stockade.web.workers import in_thread
 
 if TYPE_CHECKING:
     from stockade.archive import Archive
@@ -497,15 +497,13 @@ class _Parts:
         self.outcomes: list[Outcome | None] = []
         self.sizes: deque[int] = deque()  # bytes of the parts queued and not staged yet
         self.held = 0
-        self.queued = 0  # parts given to the thread
         self.taken = 0  # parts the event loop knows are staged
         self.work: SimpleQueue[tuple[int, bytearray]] = SimpleQueue()
         self.runs: list[asyncio.Future[None]] = []
-        self.done = 0  # parts the thread has staged or refused (thread side)
         self.lock = threading.Lock()
         self.running = False  # under lock
         self.broken = False  # under lock: a run failed, no other starts
-        self.staged = 0  # under lock: what the event loop may know of self.done
+        self.staged = 0  # under lock: parts the thread has staged or refused
         self.waiter: tuple[int, asyncio.Future[None]] | None = None  # under lock
         self.loop = asyncio.get_running_loop()
 
@@ -524,14 +522,13 @@ class _Parts:
         self.outcomes.append(None)
         self.sizes.append(len(body))
         self.held += len(body)
-        self.queued += 1
         self.work.put((slot, body))
         with self.lock:
             if self.running or self.broken:
                 return
             self.running = True
         self.runs = [run for run in self.runs if not run.done()] + [
-            asyncio.ensure_future(in_thread(self._run))
+            asyncio.ensure_future(run_in_threadpool(self._run))
         ]
 
     async def _staged(self, count: int) -> None:
@@ -545,14 +542,15 @@ class _Parts:
             await asyncio.shield(future)
         with self.lock:
             staged = self.staged
-        while self.taken < min(staged, self.queued):
+        while self.sizes and self.taken < staged:
             self.held -= self.sizes.popleft()
             self.taken += 1
 
-    def _signal(self, staged: int) -> None:
-        """In the thread: *staged* parts are staged; wake the event loop if it waits."""
+    def _signal(self, more: int = 1) -> None:
+        """In the thread: *more* parts are staged; wake the event loop if it waits."""
         with self.lock:
-            self.staged = staged
+            self.staged += more
+            staged = self.staged
             waiter = self.waiter
             if waiter is None or waiter[0] > staged:
                 return
@@ -580,8 +578,7 @@ class _Parts:
                     self.outcomes[slot] = result
                 else:
                     staged.append((slot, result))
-                self.done += 1
-                self._signal(self.done)
+                self._signal()
                 if len(staged) >= RECORD_BATCH:
                     self._record(staged)
         except BaseException:
