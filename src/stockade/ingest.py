@@ -124,7 +124,7 @@ class Prepared:
     #: The writer of a C-STORE staged while it arrived, when its index row carries a
     #: staging journal entry (the blob's fsync may still be running).
     receiving: Receiving | None = None
-    #: The SOP Instance UID named in the audit record of a refusal.
+    #: The SOP Instance UID named in the audit record of a refusal (else the data set's).
     refused_uid: str | None = None
 
     @property
@@ -537,7 +537,9 @@ class Ingest:
                     raise outcome
                 results.append(self._publish(item, outcome))  # 6. publish
             except StockadeError as exc:
-                events.append(_rejected(exc, item.origin, item.refused_uid))
+                events.append(
+                    _rejected(exc, item.origin, item.refused_uid or item.sop_instance_uid)
+                )
                 results.append(exc)
                 continue
             # 7. audit, then success
