@@ -133,6 +133,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         # a zombie is left for init).
         left = {pid for pid in rig.decoders_seen if Path(f"/proc/{pid}").exists()}
         assert not left, f"decoder processes {left} outlived the server"
+        server.assert_no_secret_written()
 
 
 def _processes(rig: Rig, module: str) -> set[int]:

@@ -44,6 +44,7 @@ def web_server(
         finally:
             if server.proc is not None:
                 server.stop()
+            server.assert_no_secret_written()
 
 
 def values(item: dict[str, Any], tag: str) -> list[Any]:

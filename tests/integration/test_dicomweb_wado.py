@@ -76,6 +76,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         finally:
             if server.proc is not None:
                 server.stop()
+            server.assert_no_secret_written()
 
 
 def client_of(rig: Rig) -> DICOMwebClient:
@@ -268,3 +269,4 @@ def test_a_500_mb_study_streams_in_flat_memory(tmp_path: Path) -> None:
         assert growth_mb < 100
     finally:
         server.stop()
+    server.assert_no_secret_written()

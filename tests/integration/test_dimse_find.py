@@ -123,6 +123,7 @@ def archive_server(
         finally:
             if server.proc is not None:
                 server.stop()
+            server.assert_no_secret_written()
 
 
 def findscu(

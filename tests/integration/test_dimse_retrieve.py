@@ -113,6 +113,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         finally:
             if server.proc is not None:
                 server.stop()
+            server.assert_no_secret_written()
 
 
 @contextlib.contextmanager
