@@ -208,6 +208,9 @@ class StockadeServer:
     root: Path
     db_url: str | None = None
     workers: int = 1
+    #: HTTP worker processes (``STOCKADE_HTTP_WORKERS``). One unless a test needs more:
+    #: every worker imports Stockade at start, on a small machine that is most of a start.
+    http_workers: int = 1
     port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -238,6 +241,7 @@ class StockadeServer:
             "STOCKADE_DICOM_PORT": str(self.port),
             "STOCKADE_HTTP_PORT": str(self.http_port),
             "STOCKADE_DICOM_WORKERS": str(self.workers),
+            "STOCKADE_HTTP_WORKERS": str(self.http_workers),
             "STOCKADE_LOG_LEVEL": log_level,
         }
         if self.db_url:
@@ -385,17 +389,22 @@ class StockadeServer:
     #: Passwords and tokens made for this server (none may reach a log or the database).
     secrets: list[str] = field(default_factory=list)
 
-    def user(self, name: str, role: str, password: str | None = None) -> str:
-        """Create a user with ``stockade user add`` (a random password unless given); return
-        an API token for it."""
+    def add_user(self, name: str, role: str, password: str | None = None) -> None:
+        """Create a user with ``stockade user add`` (a random password unless given)."""
         import secrets
 
         password = password or secrets.token_urlsafe(18)
         made = self.cli("user", "add", name, "--role", role, "--password-stdin", input=password)
         assert made.returncode == 0, made.stderr
+        self.secrets.append(password)
+
+    def user(self, name: str, role: str, password: str | None = None) -> str:
+        """Create a user with ``stockade user add`` (a random password unless given); return
+        an API token for it."""
+        self.add_user(name, role, password)
         token = self.cli("token", "create", name, "--expires", "1d")
         assert token.returncode == 0, token.stderr
-        self.secrets += [password, token.stdout.strip()]
+        self.secrets.append(token.stdout.strip())
         return token.stdout.strip()
 
     def assert_no_secret_written(self) -> None:
@@ -535,10 +544,17 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., StockadeServer]]:
         workers: int = 1,
         name: str = "stockade",
         settings: dict[str, str] | None = None,
+        http_workers: int = 1,
     ) -> StockadeServer:
         root = tmp_path / name
         root.mkdir()
-        server = StockadeServer(root, db_url=db_url, workers=workers, settings=settings or {})
+        server = StockadeServer(
+            root,
+            db_url=db_url,
+            workers=workers,
+            http_workers=http_workers,
+            settings=settings or {},
+        )
         servers.append(server)
         return server
 

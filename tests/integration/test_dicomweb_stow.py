@@ -41,7 +41,10 @@ def server(
     root = tmp_path_factory.mktemp(f"stow-{request.param}")
     with database(request.param, root) as url:
         srv = StockadeServer(
-            root, db_url=url, settings={"STOCKADE_HTTP_MAX_BODY_SIZE": str(BODY_LIMIT)}
+            root,
+            db_url=url,
+            http_workers=2,  # uploads staged by more than one process
+            settings={"STOCKADE_HTTP_MAX_BODY_SIZE": str(BODY_LIMIT)},
         )
         srv.start()
         try:
@@ -50,6 +53,7 @@ def server(
         finally:
             if srv.proc is not None:
                 srv.stop()
+            srv.assert_no_secret_written()
 
 
 def wait_http(server: StockadeServer, timeout: float = 30) -> None:

@@ -52,7 +52,7 @@ def test_passcode_identity_is_required_and_checked(
     server = make_server(settings={"STOCKADE_DICOM_USER_IDENTITY": "passcode"})
     server.start()
     password = secrets.token_urlsafe(18)
-    server.user("modality1", "technologist", password)
+    server.add_user("modality1", "technologist", password)
     files = list(write_ct_series(tmp_path / "ct", 2, size=16, patient_id="IDENT").values())
 
     for identity in (
@@ -90,7 +90,7 @@ def test_username_identity_names_the_user(
     require_dcmtk("storescu")
     server = make_server(settings={"STOCKADE_DICOM_USER_IDENTITY": "username"})
     server.start()
-    server.user("ct-room-2", "technologist")
+    server.add_user("ct-room-2", "technologist")
     files = list(write_ct_series(tmp_path / "ct", 1, size=16, patient_id="IDENT2").values())
     assert _store(server, files, "--user", "nobody").returncode != 0
     done = _store(server, files, "--user", "ct-room-2")

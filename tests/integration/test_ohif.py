@@ -89,7 +89,7 @@ def test_study_opens_in_ohif_and_an_image_renders(
     from selenium.webdriver.support.ui import WebDriverWait
 
     require_tool("npm")
-    server = make_server()
+    server = make_server(http_workers=2)  # a session must hold across HTTP workers
     started = time.monotonic()
     installed = server.cli("viewer", "install", timeout=900)
     assert installed.returncode == 0, installed.stderr
@@ -100,7 +100,7 @@ def test_study_opens_in_ohif_and_an_image_renders(
 
     server.start()
     password = secrets.token_urlsafe(18)
-    server.user("rad1", "radiologist", password)
+    server.add_user("rad1", "radiologist", password)
     datasets = study()
     stow(server, *datasets)
     uid = datasets[0].StudyInstanceUID

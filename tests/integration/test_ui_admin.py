@@ -89,7 +89,7 @@ def test_admin_adds_tests_and_removes_a_peer_and_finds_it_in_the_audit_log(
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     require_dcmtk("storescp", "echoscu")
-    server = make_server()
+    server = make_server(http_workers=2)  # a session must hold across HTTP workers
     server.start()
     password, rad_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
     server.secrets += [password, rad_password]  # neither may reach a log or the index

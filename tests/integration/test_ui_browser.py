@@ -28,10 +28,10 @@ def test_sign_in_search_and_hostile_text_shown_literally(
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = make_server()
+    server = make_server(http_workers=2)  # a session must hold across HTTP workers
     server.start()
     password = secrets.token_urlsafe(18)
-    server.user("rad1", "radiologist", password)
+    server.add_user("rad1", "radiologist", password)
     hostile = make_dataset(
         PatientName=XSS_NAME, PatientID="XSS-1", StudyDescription=XSS_TEXT, Modality="CT"
     )

@@ -72,12 +72,12 @@ def test_study_page_view_send_download_and_delete(
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     require_dcmtk("storescp", "echoscu")
-    server = make_server()
+    server = make_server(http_workers=2)  # a session must hold across HTTP workers
     server.start()
     base = base_url(server)
     rad_password, admin_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
-    server.user("rad1", "radiologist", rad_password)
-    server.user("admin1", "admin", admin_password)
+    server.add_user("rad1", "radiologist", rad_password)
+    server.add_user("admin1", "admin", admin_password)
     study, chest, head = generate_uid(), generate_uid(), generate_uid()
     hostile = [
         _image(

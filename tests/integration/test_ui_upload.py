@@ -88,10 +88,10 @@ def test_upload_a_folder_reports_each_file(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = make_server()
+    server = make_server(http_workers=2)  # a session must hold across HTTP workers
     server.start()
     password = secrets.token_urlsafe(18)
-    server.user("tech1", "technologist", password)
+    server.add_user("tech1", "technologist", password)
     folder, expected = _folder(tmp_path)
     driver = browser
     wait = WebDriverWait(driver, 60)

@@ -139,10 +139,10 @@ def test_scroll_window_measure_and_colour(
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = make_server()
+    server = make_server(http_workers=2)  # a session must hold across HTTP workers
     server.start()
     password = secrets.token_urlsafe(18)
-    server.user("rad1", "radiologist", password)
+    server.add_user("rad1", "radiologist", password)
     study, series = generate_uid(), generate_uid()
     stow(
         server,
