@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -52,6 +52,12 @@ def tls_server(
     ``stockade certs init`` (and mutual TLS required when *mutual*); not started."""
     require_dcmtk("echoscu", "storescu")
     server = make_server(name=name)
+    configure_tls(server, mutual=mutual)
+    return server
+
+
+def configure_tls(server: StockadeServer, *, mutual: bool) -> None:
+    """Give *server* (not started) DICOM TLS and HTTPS with ``stockade certs init``."""
     folder = server.data_dir / "tls"
     server.settings.update(
         {
@@ -67,7 +73,26 @@ def tls_server(
     made = server.cli("certs", "init")
     assert made.returncode == 0, made.stderr
     assert "dicom_tls_cert_file = " in made.stdout
-    return server
+
+
+@pytest.fixture(scope="module")
+def mutual(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StockadeServer]:
+    """One running server with mutual DICOM TLS and HTTPS, shared by the tests that neither
+    reconfigure it nor add a node (a node would close plain DIMSE to other AE titles); they
+    compare with what it held before them. It must stop cleanly after them."""
+    require_dcmtk("echoscu", "storescu")
+    server = StockadeServer(tmp_path_factory.mktemp("tls-mutual"))
+    configure_tls(server, mutual=True)
+    server.start()
+    try:
+        log = server.log_path.read_text()
+        assert f"DICOM TLS listening on {HOST}:{tls_port(server)}" in log
+        yield server
+        assert server.stop() == 0, server.log_tail()
+    finally:
+        if server.proc is not None:
+            server.kill()
+        server.assert_no_secret_written()
 
 
 def tls_port(server: StockadeServer) -> int:
@@ -208,16 +233,12 @@ def handshake(context: ssl.SSLContext, port: int) -> str:
 # -- DCMTK over DICOM TLS --------------------------------------------------------------------
 
 
-def test_echoscu_and_storescu_over_mutual_tls(
-    make_server: Callable[..., StockadeServer], tmp_path: Path
-) -> None:
-    server = tls_server(make_server, mutual=True)
+def test_echoscu_and_storescu_over_mutual_tls(mutual: StockadeServer, tmp_path: Path) -> None:
+    server = mutual
     issued = server.cli("certs", "client", "modality")
     assert issued.returncode == 0, issued.stderr
     key, cert = tls_dir(server) / "client-modality-key.pem", tls_dir(server) / "client-modality.pem"
-    server.start()
-    log = server.log_path.read_text()
-    assert f"DICOM TLS listening on {HOST}:{tls_port(server)}" in log
+    held = {row.sop_uid for row in server.rows()}  # the module's server is shared
 
     echoed = echo_tls(server, "+tls", str(key), str(cert))
     assert echoed.returncode == 0, echoed.stdout
@@ -243,7 +264,7 @@ def test_echoscu_and_storescu_over_mutual_tls(
     )
     assert stored.returncode == 0, stored.stdout
     assert stored.stdout.count("Received Store Response (Success)") == 3, stored.stdout
-    assert {row.sop_uid for row in server.rows()} == set(files)
+    assert {row.sop_uid for row in server.rows()} == held | set(files)
 
     # no client certificate (anonymous TLS) under mutual TLS: refused and audited
     before = len(rejections(server))
@@ -252,22 +273,21 @@ def test_echoscu_and_storescu_over_mutual_tls(
     assert "Received Echo Response" not in anonymous.stdout
     reasons = rejections(server, before + 1)[before:]
     assert len(reasons) == 1 and reasons[0].startswith("TLS handshake failed"), reasons
-    assert server.stop() == 0
 
 
 def test_expired_and_unknown_client_certificates_are_refused(
-    make_server: Callable[..., StockadeServer], tmp_path: Path
+    mutual: StockadeServer, tmp_path: Path
 ) -> None:
-    server = tls_server(make_server, mutual=True)
+    server = mutual
     expired = client_cert(tmp_path, "expired", local_ca(server), expired=True)
     stranger = client_cert(tmp_path, "stranger", None)
     valid = client_cert(tmp_path, "valid", local_ca(server))
-    server.start()
+    before = len(rejections(server))  # the module's server is shared
     for cert, key in (expired, stranger):
         refused = echo_tls(server, "+tls", str(key), str(cert))
         assert refused.returncode != 0, refused.stdout
         assert "Received Echo Response" not in refused.stdout
-    reasons = rejections(server, 2)
+    reasons = rejections(server, before + 2)[before:]
     assert len(reasons) == 2, reasons
     assert "certificate has expired" in reasons[0]
     assert "unable to get local issuer certificate" in reasons[1]
@@ -275,19 +295,17 @@ def test_expired_and_unknown_client_certificates_are_refused(
     # a valid certificate from the same CA is still served
     accepted = echo_tls(server, "+tls", str(valid[1]), str(valid[0]))
     assert accepted.returncode == 0, accepted.stdout
-    assert server.stop() == 0
 
 
 # -- protocol versions -----------------------------------------------------------------------
 
 
 def test_tls_1_0_and_1_1_refused_on_dicom_tls_and_https(
-    make_server: Callable[..., StockadeServer], tmp_path: Path
+    mutual: StockadeServer, tmp_path: Path
 ) -> None:
-    server = tls_server(make_server, mutual=True)
+    server = mutual
     ca = tls_dir(server) / "ca.pem"
     client = client_cert(tmp_path, "peer", local_ca(server))
-    server.start()
     for port, cert in ((tls_port(server), client), (server.http_port, None)):
         for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
             with pytest.raises(ssl.SSLError) as refused:
@@ -300,19 +318,16 @@ def test_tls_1_0_and_1_1_refused_on_dicom_tls_and_https(
         with pytest.raises(ssl.SSLError):
             handshake(cbc, port)
         assert handshake(python_client(ca, None, cert), port) == "TLSv1.3"
-    assert server.stop() == 0
 
 
 # -- HTTPS -----------------------------------------------------------------------------------
 
 
-def test_dicomweb_over_https_carries_hsts(
-    make_server: Callable[..., StockadeServer], tmp_path: Path
-) -> None:
-    server = tls_server(make_server, mutual=False)
+def test_dicomweb_over_https_carries_hsts(mutual: StockadeServer, tmp_path: Path) -> None:
+    """HTTPS (mutual TLS is asked of DICOM TLS peers only, not of HTTP clients)."""
+    server = mutual
     ca = ssl.create_default_context(cafile=str(tls_dir(server) / "ca.pem"))
     files = write_ct_series(tmp_path / "ct", 2)
-    server.start()
     base = f"https://localhost:{server.http_port}/dicomweb"
     log = server.log_path.read_text()
     assert f"DICOMweb on https://{HOST}:{server.http_port}/dicomweb" in log
@@ -325,6 +340,9 @@ def test_dicomweb_over_https_carries_hsts(
         + f"\r\n--{boundary}--\r\n".encode()
     )
     with httpx.Client(verify=ca, headers=server.auth, timeout=30) as client:
+        listed = client.get(f"{base}/studies", headers={"Accept": "application/dicom+json"})
+        assert listed.status_code == 200, listed.text
+        before = len(listed.json())  # the module's server is shared
         stored = client.post(
             f"{base}/studies",
             content=payload,
@@ -336,7 +354,7 @@ def test_dicomweb_over_https_carries_hsts(
         assert stored.status_code == 200, stored.text
         found = client.get(f"{base}/studies", headers={"Accept": "application/dicom+json"})
     assert found.status_code == 200, found.text
-    assert len(found.json()) == 1
+    assert len(found.json()) == before + 1
     assert found.extensions["http_version"] == b"HTTP/1.1"
     for response in (stored, found):
         assert response.headers["strict-transport-security"] == "max-age=31536000"
@@ -350,7 +368,6 @@ def test_dicomweb_over_https_carries_hsts(
     # a client that does not trust the local CA cannot talk to it
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         httpx.get(f"{base}/studies", timeout=30)
-    assert server.stop() == 0
 
 
 # -- Stockade as a TLS requestor -------------------------------------------------------------
