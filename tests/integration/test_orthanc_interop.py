@@ -68,8 +68,11 @@ class Pair:
     orthanc: Orthanc
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    """Stockade and Orthanc, each knowing the other, shared by the module's tests: each
+    test has patients of its own and compares with what either held before it."""
+    tmp_path = tmp_path_factory.mktemp("interop")
     if not os.access(ORTHANC, os.X_OK):
         require_tool("Orthanc")  # skips (fails in CI): apt-get install orthanc
     for tool in ("storescu", "echoscu"):
@@ -125,6 +128,7 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
     finally:
         if stockade.proc is not None:
             stockade.stop()
+        stockade.assert_no_secret_written()
         proc.terminate()
         proc.wait(30)
         log.close()
@@ -155,6 +159,14 @@ def _study_uid(files: dict[str, Path]) -> str:
     return str(pydicom.dcmread(next(iter(files.values()))).StudyInstanceUID)
 
 
+def _orthanc_sop_uids(orthanc: Orthanc) -> dict[str, str]:
+    """SOP Instance UID -> Orthanc's identifier, of every instance Orthanc holds."""
+    return {
+        item["MainDicomTags"]["SOPInstanceUID"]: item["ID"]
+        for item in orthanc.rest("GET", "/instances?expand")
+    }
+
+
 def _stockade_pixels(pair: Pair) -> dict[str, bytes]:
     """PixelData of every instance Stockade holds, read from its blobs."""
     out = {}
@@ -166,6 +178,7 @@ def _stockade_pixels(pair: Pair) -> dict[str, bytes]:
 
 def test_orthanc_queries_stockade_and_pulls_a_study_with_c_move(pair: Pair, tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "a", 5, patient_id="INTEROP-A", series_count=2)
+    in_orthanc = pair.orthanc.count()  # the module's servers are shared
     result = storescu(pair.stockade.port, list(files.values()))
     assert result.returncode == 0, result.stdout
     study = _study_uid(files)
@@ -180,8 +193,10 @@ def test_orthanc_queries_stockade_and_pulls_a_study_with_c_move(pair: Pair, tmp_
     assert answers[0]["PatientID"] == "INTEROP-A"
 
     pair.orthanc.rest("POST", f"/queries/{query['ID']}/retrieve", "ORTHANC")
-    assert pair.orthanc.count() == 5
-    for instance in pair.orthanc.rest("GET", "/instances"):
+    assert pair.orthanc.count() == in_orthanc + 5
+    pulled = {uid: ident for uid, ident in _orthanc_sop_uids(pair.orthanc).items() if uid in files}
+    assert set(pulled) == set(files)
+    for instance in pulled.values():
         raw = pair.orthanc.rest("GET", f"/instances/{instance}/file")
         ds = pydicom.dcmread(io.BytesIO(raw))
         original = pydicom.dcmread(files[str(ds.SOPInstanceUID)])
@@ -198,20 +213,24 @@ def test_orthanc_queries_stockade_and_pulls_a_study_with_c_move(pair: Pair, tmp_
 def test_stockade_queries_orthanc_and_retrieves_with_get_and_move(
     pair: Pair, tmp_path: Path
 ) -> None:
-    by_get = write_ct_series(tmp_path / "g", 3, patient_id="INTEROP-G", seed=3)
-    by_move = write_ct_series(tmp_path / "m", 4, patient_id="INTEROP-M", seed=4)
+    # patients of this test only (the servers are shared): Orthanc holds others' by now
+    by_get = write_ct_series(tmp_path / "g", 3, patient_id="PULLED-G", seed=3)
+    by_move = write_ct_series(tmp_path / "m", 4, patient_id="PULLED-M", seed=4)
+    in_orthanc = pair.orthanc.count()
+    held_before = set(_stockade_pixels(pair))
+    records_before = len(pair.stockade.audit())
     _store_to_orthanc(pair.orthanc, [*by_get.values(), *by_move.values()])
-    assert pair.orthanc.count() == 7
+    assert pair.orthanc.count() == in_orthanc + 7
 
     listed = pair.stockade.cli(
-        "query", "orthanc", "-k", "PatientID=INTEROP-*", "-k", "StudyInstanceUID=", "--json"
+        "query", "orthanc", "-k", "PatientID=PULLED-*", "-k", "StudyInstanceUID=", "--json"
     )
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
     assert {r["StudyInstanceUID"] for r in rows} == {_study_uid(by_get), _study_uid(by_move)}
 
     first = pair.stockade.cli(
-        "query", "orthanc", "-k", "PatientID=INTEROP-*", "--limit", "1", "--json"
+        "query", "orthanc", "-k", "PatientID=PULLED-*", "--limit", "1", "--json"
     )
     assert first.returncode == 0, first.stderr
     assert len(first.stdout.splitlines()) == 1 and "stopped at --limit 1" in first.stderr
@@ -226,20 +245,23 @@ def test_stockade_queries_orthanc_and_retrieves_with_get_and_move(
     assert "retrieved 4, warning 0, failed 0" in moved.stdout
 
     held = _stockade_pixels(pair)
-    assert set(held) == set(by_get) | set(by_move)
+    assert set(held) - held_before == set(by_get) | set(by_move)
     for uid, path in {**by_get, **by_move}.items():
         assert held[uid] == pydicom.dcmread(path).PixelData
-    assert_verify_intact(pair.stockade, 7)
-    stored = [e for e in pair.stockade.audit() if e["type"] == "InstanceStored"]
+    assert_verify_intact(pair.stockade, len(held_before) + 7)
+    stored = [e for e in pair.stockade.audit()[records_before:] if e["type"] == "InstanceStored"]
+    assert len(stored) == 7
     assert {e["actor"]["ae_title"] for e in stored} == {"ORTHANC"}
 
 
 def test_stockade_sends_a_study_to_orthanc(pair: Pair, tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "s", 4, patient_id="INTEROP-S", seed=5)
+    in_orthanc = pair.orthanc.count()  # the module's servers are shared
     result = storescu(pair.stockade.port, list(files.values()))
     assert result.returncode == 0, result.stdout
     done = pair.stockade.cli("send", "orthanc", "--study", _study_uid(files))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "sent 4, warning 0, failed 0" in done.stdout
-    assert pair.orthanc.count() == 4
+    assert pair.orthanc.count() == in_orthanc + 4
+    assert set(files) <= set(_orthanc_sop_uids(pair.orthanc))
     assert echoscu(pair.stockade.port).returncode == 0
