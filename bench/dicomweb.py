@@ -27,12 +27,20 @@ Request bodies are built in memory before the clock starts. A run counts only if
 request answered 200 and the archive holds N instances afterwards (QIDO-RS
 ``NumberOfStudyRelatedInstances`` for both), and the WADO-RS responses held N parts.
 Figures are medians over ``--runs``; logs are kept in ``bench/.work/dicomweb/<stamp>/``.
+
+Every archive's data folder is kept until the whole benchmark ends, then deleted (when
+the disk has room for all of them; otherwise each one goes when its session ends, and
+the benchmark says so). Deleting thousands of files just before the next session is
+measured would measure the file system instead: ext4 without a journal passes over
+inodes freed in the last 30 seconds each time it creates a file, so the first session
+after a deletion created its files several times slower, whichever archive it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import threading
@@ -276,12 +284,50 @@ def main(argv: list[str] | None = None) -> int:
     quarters = [[f for f in files if f.parent == q] for q in data.quarters]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     root = WORK / "dicomweb" / stamp
+    root.mkdir(parents=True)
+    keys = args.targets.split(",")
+    keep = keep_until_end(root, data.total_bytes, args.runs * 2 * len(keys))
     targets: list[Target] = []
-    for key in args.targets.split(","):
+    for key in keys:
         if key == "stockade":
-            targets.append(Stockade(60, False, workers=0, database_url=args.database_url))
+            targets.append(Stockade(60, keep, workers=0, database_url=args.database_url))
         elif key == "orthanc":
-            targets.append(OrthancDicomWeb(60, False))
+            targets.append(OrthancDicomWeb(60, keep))
+    try:
+        return measure(args, targets, root, files, quarters)
+    finally:
+        for folder in sorted(root.glob("*/*/data")) + sorted(root.glob("*/data")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+#: Room left free on the disk beyond the archives kept until the end.
+SPARE_BYTES = 2 << 30
+
+
+def keep_until_end(root: Path, data_bytes: int, sessions: int) -> bool:
+    """True if the disk holds every session's archive (with a margin); else say that each
+    is deleted when its session ends, and return False."""
+    needed = int(data_bytes * sessions * 1.1) + SPARE_BYTES
+    free = shutil.disk_usage(root).free
+    if free >= needed:
+        return True
+    print(
+        f"note: {free >> 20} MiB free, {needed >> 20} MiB needed to keep every archive until "
+        "the end; each is deleted when its session ends (file creation in the next session "
+        "may be slower on ext4 without a journal)",
+        flush=True,
+    )
+    return False
+
+
+def measure(
+    args: argparse.Namespace,
+    targets: list[Target],
+    root: Path,
+    files: list[Path],
+    quarters: list[list[Path]],
+) -> int:
+    """Run every target *args.runs* times and print the tables."""
     results: dict[str, list[dict[str, float]]] = {t.title: [] for t in targets}
     for run in range(args.runs):
         for target in targets:
