@@ -139,3 +139,33 @@ def test_binary_values_inline_or_bulk() -> None:
     assert fast["00420011"]["BulkDataURI"] == PREFIX + "00420011"
     assert fast["7FE00010"]["BulkDataURI"] == PREFIX + "7FE00010"
     assert fast["00291010"]["InlineBinary"] == base64.b64encode(b"\x01\x02" * 10).decode()
+
+
+def test_values_that_are_not_finite_numbers_are_sent_as_null() -> None:
+    """A DS of "nan" or "1e999" and FL/FD values holding NaN or infinity have no JSON
+    number: they go out as null (the DICOM JSON empty value), and the answer stays strict
+    JSON, whichever conversion made it."""
+    import json
+
+    for implicit in (False, True):
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPInstanceUID = "1.2.3.4"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about the DS values
+            ds.add_new("SliceThickness", "DS", "nan")
+            ds.add_new("PixelSpacing", "DS", "1e999\\0.5")
+            ds.add_new("WindowCenter", "DS", "-inf\\40")
+        ds.add_new(0x00189087, "FD", [float("nan"), 2.5])
+        ds.add_new(0x00186028, "FD", 1.5)
+        ds.add_new(0x0018605A, "FL", [float("inf"), 0.25])
+        fast, slow = both(encode(ds, implicit))
+        assert fast == slow
+        text = json.dumps(fast, allow_nan=False)  # strict: raises on NaN or Infinity
+        back = json.loads(text)
+        assert back["00180050"]["Value"] == [None]
+        assert back["00280030"]["Value"] == [None, 0.5]
+        assert back["00281050"]["Value"] == [None, 40.0]
+        assert back["00189087"]["Value"] == [None, 2.5]
+        assert back["00186028"]["Value"] == [1.5]  # a finite value is untouched
+        assert back["0018605A"]["Value"] == [None, 0.25]

@@ -8,6 +8,7 @@ on backslashes, and an attribute without a value as its VR alone.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from stockade.query import KEYS
@@ -40,7 +41,8 @@ def attribute(vr: str, value: str | int | None) -> dict[str, Any]:
     elif vr in ("IS", "US", "UL", "SS", "SL"):
         items = [int(v) for v in str(value).split("\\") if str(v).strip()]
     elif vr in ("DS", "FL", "FD"):
-        items = [float(v) for v in str(value).split("\\") if str(v).strip()]
+        numbers = [float(v) for v in str(value).split("\\") if str(v).strip()]
+        items = [n if math.isfinite(n) else None for n in numbers]  # JSON has no NaN
     else:
         items = str(value).split("\\")
     return {"vr": vr, "Value": items}

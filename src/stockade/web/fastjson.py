@@ -23,6 +23,7 @@ decode) returns ``None``, and the caller lets pydicom convert that element.
 from __future__ import annotations
 
 import base64
+import math
 import struct
 from typing import Any
 
@@ -120,6 +121,8 @@ def element(raw: RawDataElement, codec: str, *, top_level: bool) -> dict[str, An
         numbers = list(struct.unpack(f"<{len(value) // size}{fmt}", value))
         if vr in ("FL", "FD"):
             numbers = [float(n) for n in numbers]
+            if not all(math.isfinite(n) for n in numbers):
+                return None  # NaN and infinities: JSON has no number for them
         return {"vr": vr, "Value": numbers}
     if vr in _DEFAULT_REPERTOIRE:
         parts = _components(value, "ascii")
@@ -138,9 +141,12 @@ def element(raw: RawDataElement, codec: str, *, top_level: bool) -> dict[str, An
         if any(p.translate(_DS_CHARS) for p in parts):
             return None
         try:
-            return {"vr": vr, "Value": [float(p) for p in parts]}
+            decimals = [float(p) for p in parts]
         except ValueError:  # "1e", "+-1", "..."
             return None
+        if not all(math.isfinite(n) for n in decimals):
+            return None  # "1e999"
+        return {"vr": vr, "Value": decimals}
     else:
         return None
     if parts is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
@@ -105,7 +106,27 @@ def dataset_json(
             except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert
                 log.info("attribute %s left without value in metadata: %s", key, exc)
                 out[key] = {"vr": elem.VR}
+            else:
+                if elem.VR in _DECIMAL_VRS:
+                    _without_non_finite(out[key], key)
     return out
+
+
+#: VRs whose JSON values are numbers that may be NaN or infinite once decoded.
+_DECIMAL_VRS = frozenset({"DS", "FL", "FD"})
+
+
+def _without_non_finite(attribute: dict[str, Any], key: str) -> None:
+    """Replace NaN and infinite values (a DS of "nan" or "1e999", an FD holding NaN) by
+    null, the DICOM JSON empty value (PS3.18 F.2.5): JSON has no number for them, and
+    ``NaN`` in an answer breaks strict parsers."""
+    values = attribute.get("Value")
+    if not isinstance(values, list):
+        return
+    for i, value in enumerate(values):
+        if isinstance(value, float) and not math.isfinite(value):
+            log.info("attribute %s: a value that is not a finite number is sent as null", key)
+            values[i] = None
 
 
 def instance_json(data: bytes | bytearray | memoryview, inst: StoredInstance) -> dict[str, Any]:
