@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,15 +377,31 @@ HOSTILE_UIDS = {
 }
 
 
+@pytest.fixture(scope="module")
+def uid_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StockadeServer]:
+    """One server for the hostile UIDs (compared with what it held before each); it must
+    stop with 0 after them."""
+    require_dcmtk("storescu", "echoscu")
+    server = StockadeServer(tmp_path_factory.mktemp("hostile-uid"))
+    server.start()
+    try:
+        yield server
+        assert server.stop() == 0, server.log_tail()
+    finally:
+        if server.proc is not None:
+            server.kill()
+        server.assert_no_secret_written()
+
+
 @pytest.mark.parametrize("sop_uid", HOSTILE_UIDS.values(), ids=HOSTILE_UIDS.keys())
 def test_hostile_sop_instance_uid_is_refused(
-    make_server: MakeServer, tmp_path: Path, sop_uid: str
+    uid_server: StockadeServer, tmp_path: Path, sop_uid: str
 ) -> None:
     """An invalid SOP Instance UID gets a failure status with a comment; nothing is written."""
-    require_dcmtk("storescu", "echoscu")
     assert len(HOSTILE_UIDS["65-characters"]) == 65
-    server = make_server()
-    server.start()
+    server = uid_server
+    held = {r.sop_uid for r in server.rows()}  # the module's server is shared
+    blobs = set(server.blob_files())
     valid = write_ct_series(tmp_path / "valid", 1, size=16, patient_id="VALID")
     template = _read(next(iter(valid.values())))
     hostile = tmp_path / "hostile" / "hostile.dcm"
@@ -413,17 +429,17 @@ def test_hostile_sop_instance_uid_is_refused(
     assert comment and "UID" in comment, f"no useful Error Comment: {comment!r}"
     assert elapsed < 5, f"the failure took {elapsed:.1f} s"
 
-    assert server.count() == 0
-    assert server.blob_files() == {}
+    assert server.count() == len(held)
+    assert set(server.blob_files()) == blobs
     assert not (server.data_dir.parent.parent / "x").exists()
-    assert [p for p in tmp_path.rglob("*") if p.name == "x"] == []
+    for folder in (tmp_path, server.root):
+        assert [p for p in folder.rglob("*") if p.name == "x"] == []
 
     echo = echoscu(server.port)
     assert echo.returncode == 0, echo.stdout
     good = storescu(server.port, list(valid.values()))
     assert set(store_responses(good.stdout).values()) == {"Success"}, good.stdout
-    assert [r.sop_uid for r in server.rows()] == list(valid)
-    assert server.stop() == 0
+    assert {r.sop_uid for r in server.rows()} == held | set(valid)
 
 
 def test_peer_policy(make_server: MakeServer, db_url: str, tmp_path: Path) -> None:
