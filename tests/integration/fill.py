@@ -15,7 +15,7 @@ from stockade.archive import Archive
 from stockade.ingest import Origin
 from stockade.settings import load
 
-from .conftest import StockadeServer
+from .conftest import HOST, StockadeServer
 
 
 @contextmanager
@@ -37,3 +37,13 @@ def store_files(server: StockadeServer, paths: Iterable[Path]) -> None:
     with archive_of(server) as archive:
         for path in paths:
             archive.store_file(path.read_bytes(), Origin(via="import"))
+
+
+def add_nodes(server: StockadeServer, *nodes: tuple[str, str, int, str]) -> None:
+    """Configure each (name, AE title, port, allowed services) on loopback, as ``stockade
+    node add`` does (one CLI process each is a second apiece; the command line itself is
+    tested where nodes are the subject)."""
+    with archive_of(server) as archive:
+        for name, ae, port, allow in nodes:
+            services = frozenset(a.strip() for a in allow.split(",") if a.strip())
+            archive.add_node(name, ae, HOST, port, services)

@@ -39,7 +39,7 @@ from .conftest import (
     require_dcmtk,
     write_ct_series,
 )
-from .fill import store_files
+from .fill import add_nodes, store_files
 
 pytestmark = pytest.mark.dcmtk
 IMPLICIT = "1.2.840.10008.1.2"
@@ -106,7 +106,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             ("echoscu", "ECHOSCU", 104, "echo"),
             *((ae.lower(), ae, port, "echo") for ae, port in ports.items()),
         ]
-        server.add_nodes(*nodes)
+        add_nodes(server, *nodes)
         server.start()
         try:
             yield Rig(server, held, ports, root)
