@@ -201,6 +201,17 @@ class Row:
     trailing_bytes: int
 
 
+#: ``stockade user add NAME --role ROLE --password-stdin`` then ``stockade token create NAME``
+#: in one process (see :meth:`StockadeServer.user`).
+_USER_COMMANDS = """
+import sys
+from stockade.cli import main
+name, role = sys.argv[1:3]
+added = main(["user", "add", name, "--role", role, "--password-stdin"])
+sys.exit(added or main(["token", "create", name, "--expires", "1d"]))
+"""
+
+
 @dataclass
 class StockadeServer:
     """A Stockade data folder and index, and the ``serve`` process running on them."""
@@ -400,12 +411,31 @@ class StockadeServer:
 
     def user(self, name: str, role: str, password: str | None = None) -> str:
         """Create a user with ``stockade user add`` (a random password unless given); return
-        an API token for it."""
-        self.add_user(name, role, password)
-        token = self.cli("token", "create", name, "--expires", "1d")
-        assert token.returncode == 0, token.stderr
-        self.secrets.append(token.stdout.strip())
-        return token.stdout.strip()
+        an API token for it from ``stockade token create``.
+
+        Both commands go through the command line's ``main`` in one Python process: each
+        process imports Stockade first (about a second here), and this runs for every server
+        that a test talks to over HTTP."""
+        import secrets
+
+        password = password or secrets.token_urlsafe(18)
+        self.secrets.append(password)
+        done = subprocess.run(
+            [sys.executable, "-c", _USER_COMMANDS, name, role],
+            env=self.env("WARNING"),
+            input=password,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=self.root,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines and lines[0] == f"created {name} ({role})", done.stdout
+        token = lines[-1].strip()
+        self.secrets.append(token)
+        return token
 
     def assert_no_secret_written(self) -> None:
         """No password or token this harness made is in the server's logs or its index
