@@ -439,7 +439,8 @@ class StockadeServer:
 
     def assert_no_secret_written(self) -> None:
         """No password or token this harness made is in the server's logs or its index
-        database files (threat model SR-7): checked when each test's servers end."""
+        database files (threat model SR-7): checked when a server's tests are done (at the
+        end of a test, or of the module that shares it)."""
         places = [*self.root.glob("server-*.log"), *self.data_dir.glob("index.sqlite3*")]
         for path in places:
             data = path.read_bytes()
