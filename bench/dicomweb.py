@@ -277,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1000,
         help="instances of the series whose metadata is timed (0: skip)",
     )
+    parser.add_argument(
+        "--delete-each-session",
+        action="store_true",
+        help="delete each archive when its session ends (the method before 2026-12-02 "
+        "evening), instead of keeping all until the end",
+    )
     args = parser.parse_args(argv)
     data = generate(args.instances)
     warm_cache(data)
@@ -286,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     root = WORK / "dicomweb" / stamp
     root.mkdir(parents=True)
     keys = args.targets.split(",")
-    keep = keep_until_end(root, data.total_bytes, args.runs * 2 * len(keys))
+    keep = not args.delete_each_session and keep_until_end(
+        root, data.total_bytes, args.runs * 2 * len(keys)
+    )
     targets: list[Target] = []
     for key in keys:
         if key == "stockade":
