@@ -598,6 +598,19 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., StockadeServer]]:
         server.assert_no_secret_written()
 
 
+@contextlib.contextmanager
+def stops_cleanly(server: StockadeServer) -> Iterator[StockadeServer]:
+    """Yield a running shared *server*; afterwards it must stop with 0 (killed if anything
+    failed), and no password or token the harness made may be in its logs or index."""
+    try:
+        yield server
+        assert server.stop() == 0, server.log_tail()
+    finally:
+        if server.proc is not None:
+            server.kill()
+        server.assert_no_secret_written()
+
+
 # -- checks ----------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from .conftest import (
     echoscu,
     free_port,
     require_dcmtk,
+    stops_cleanly,
     store_responses,
     storescu,
     storescu_args,
@@ -384,13 +385,8 @@ def uid_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StockadeSer
     require_dcmtk("storescu", "echoscu")
     server = StockadeServer(tmp_path_factory.mktemp("hostile-uid"))
     server.start()
-    try:
+    with stops_cleanly(server):
         yield server
-        assert server.stop() == 0, server.log_tail()
-    finally:
-        if server.proc is not None:
-            server.kill()
-        server.assert_no_secret_written()
 
 
 @pytest.mark.parametrize("sop_uid", HOSTILE_UIDS.values(), ids=HOSTILE_UIDS.keys())

@@ -35,6 +35,7 @@ from .conftest import (
     clean_env,
     free_port,
     require_dcmtk,
+    stops_cleanly,
     write_ct_series,
 )
 
@@ -84,15 +85,10 @@ def mutual(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StockadeServer]
     server = StockadeServer(tmp_path_factory.mktemp("tls-mutual"))
     configure_tls(server, mutual=True)
     server.start()
-    try:
+    with stops_cleanly(server):
         log = server.log_path.read_text()
         assert f"DICOM TLS listening on {HOST}:{tls_port(server)}" in log
         yield server
-        assert server.stop() == 0, server.log_tail()
-    finally:
-        if server.proc is not None:
-            server.kill()
-        server.assert_no_secret_written()
 
 
 def tls_port(server: StockadeServer) -> int:
