@@ -513,7 +513,7 @@ def test_series_metadata_as_xml_from_the_cached_json(
     calls: list[int] = []
     real = metadata.build
 
-    def counting(retrieval: Any, instances: list[Any]) -> bytes:
+    def counting(retrieval: Any, instances: list[Any]) -> list[bytes | None]:
         calls.append(len(instances))
         return real(retrieval, instances)
 

@@ -7,6 +7,7 @@ import contextlib
 import email.parser
 import email.policy
 import io
+import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from pydicom.uid import generate_uid
 from starlette.exceptions import StarletteDeprecationWarning
 
 from stockade.archive import Archive
-from stockade.audit.events import InstancesRetrieved
+from stockade.audit.events import Actor, InstancesRetrieved
 from stockade.audit.sink import MemoryAuditSink
 from stockade.dicom.part10 import read_part10
 from stockade.ingest import Origin
@@ -342,7 +343,7 @@ def test_metadata_cache_is_used_and_invalidated(
     calls: list[int] = []
     real = metadata.build
 
-    def counting(retrieval: Any, instances: list[Any]) -> bytes:
+    def counting(retrieval: Any, instances: list[Any]) -> list[bytes | None]:
         calls.append(len(instances))
         return real(retrieval, instances)
 
@@ -363,16 +364,71 @@ def test_metadata_cache_is_used_and_invalidated(
         SeriesInstanceUID=ds.SeriesInstanceUID,
         InstanceNumber=2,
     )
-    assert len(client.get(series_url).json()) == 2
-    assert calls == [1, 2]
-    assert len(client.get(series_url).json()) == 2
-    assert calls == [1, 2]
-    # a damaged cache file is only a miss
+    grown = client.get(series_url).content
+    assert len(json.loads(grown)) == 2
+    assert calls == [1, 1]  # only the new instance was read: the other came from the cache
+    assert client.get(series_url).content == grown
+    assert calls == [1, 1]
+    # a damaged cache file is only a miss, and a full build gives the same answer
     cache[0].write_bytes(b"garbage")
-    assert len(client.get(series_url).json()) == 2
-    assert calls == [1, 2, 2]
+    assert client.get(series_url).content == grown
+    assert calls == [1, 1, 2]
     r = client.get(series_url, headers={"Accept": "application/dicom"})
     assert r.status_code == 406
+
+
+def test_metadata_cache_reuses_an_instance_only_with_the_same_hash(
+    client: TestClient, archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = store_ds(archive, InstanceNumber=1)
+    second, _ = store_ds(
+        archive,
+        StudyInstanceUID=first.StudyInstanceUID,
+        SeriesInstanceUID=first.SeriesInstanceUID,
+        InstanceNumber=2,
+    )
+    series_url = url(first, "series") + "/metadata"
+    full = client.get(series_url).content
+    [path] = (archive.settings.data_dir / "cache" / "metadata").rglob("*.json")
+    stamp, index, body = path.read_bytes().split(b"\n", 2)
+    assert stamp.startswith(b"2-")  # two instances
+    assert body == full.replace(b"http://testserver/dicomweb/studies/", b"/studies/")
+    held = archive.find_instance(str(first.SOPInstanceUID))
+    assert held is not None and held.sha256.encode() in index
+
+    built: list[str] = []
+    real = metadata.build
+
+    def counting(retrieval: Any, instances: list[Any]) -> list[bytes | None]:
+        built.extend(i.sop_instance_uid for i in instances)
+        return real(retrieval, instances)
+
+    monkeypatch.setattr(metadata, "build", counting)
+    # the file claims another content for the first instance: it is read again, the
+    # second is taken from the file
+    path.write_bytes(b"stale\n" + index.replace(held.sha256.encode(), b"0" * 64) + b"\n" + body)
+    assert client.get(series_url).content == full
+    assert built == [first.SOPInstanceUID]
+    # lengths that do not describe the body: nothing is taken from the file
+    entries = index.split(b",")
+    uid, sha, length = entries[0].split(b" ")
+    entries[0] = b" ".join((uid, sha, str(int(length) + 1).encode()))
+    path.write_bytes(b"stale\n" + b",".join(entries) + b"\n" + body)
+    built.clear()
+    assert client.get(series_url).content == full
+    assert built == [first.SOPInstanceUID, second.SOPInstanceUID]
+    # deleting an instance removes the series' cache (no metadata of it stays on disk)
+    archive.delete(
+        str(first.StudyInstanceUID),
+        str(first.SeriesInstanceUID),
+        str(second.SOPInstanceUID),
+        actor=Actor(via="internal"),
+    )
+    assert not path.exists()
+    built.clear()
+    [only] = client.get(series_url).json()
+    assert only["00080018"]["Value"] == [first.SOPInstanceUID]
+    assert built == [first.SOPInstanceUID]
 
 
 def test_frames_of_jpeg2000_decoded_and_as_stored(client: TestClient, archive: Archive) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import warnings
@@ -29,7 +30,7 @@ def test_requests_are_counted_while_they_are_served(archive: Archive) -> None:
     client = authed(TestClient(create_app(archive)), archive)
     original = metadata.build
 
-    def spy(retrieval: Any, instances: list[Any], pause: Any = None) -> bytes:
+    def spy(retrieval: Any, instances: list[Any], pause: Any = None) -> list[bytes | None]:
         seen.append(ACTIVITY.requests)
         return original(retrieval, instances, pause)
 
@@ -63,10 +64,12 @@ def test_build_pauses_before_each_instance(archive: Archive) -> None:
         service="cache",
         actor=Actor(via="internal"),
     )
-    body = metadata.build(retrieval, retrieval.instances, pause=lambda: calls.append(1))
+    objects = metadata.build(retrieval, retrieval.instances, pause=lambda: calls.append(1))
     retrieval.finish()
     assert len(calls) == 3
-    assert body.count(b'"00080018"') == 3
+    assert [json.loads(o or b"null")["00080018"]["Value"] for o in objects] == [
+        [d.SOPInstanceUID] for d in datasets
+    ]
 
 
 def test_warmer_waits_while_busy_and_goes_on_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:

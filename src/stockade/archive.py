@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from stockade import metacache
 from stockade.audit.events import (
     Actor,
     ApplicationActivity,
@@ -746,9 +747,8 @@ class Archive:
                 continue
             self.index.forget_deletion(key)
         for study, series in sorted({(i.study_instance_uid, i.series_instance_uid) for i in gone}):
-            path, _ = self._metadata_place(study, series, [])
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(metacache.place(self.settings.data_dir, study, series))
         log.info("deleted %d instance(s) of %s %s", len(gone), level, keys)
         return gone
 
@@ -933,11 +933,8 @@ class Archive:
         return self.index.find_instance(sop_instance_uid)
 
     # -- DICOMweb metadata ---------------------------------------------------------------
-    # WADO-RS metadata (PS3.18 10.4.1.1.2): a per-series cache of the built DICOM JSON,
-    # so that viewers asking again do not make every file be opened again.
-
-    #: Bumped when the cached form changes; part of every validity stamp.
-    METADATA_CACHE_VERSION = "1"
+    # WADO-RS metadata (PS3.18 10.4.1.1.2): a per-series cache of the built DICOM JSON
+    # (`metacache`), so that viewers asking again do not make every file be opened again.
 
     def metadata(
         self,
@@ -945,19 +942,20 @@ class Archive:
         values: Mapping[str, str | None],
         *,
         actor: Actor,
-        build: Callable[[Retrieval, list[StoredInstance]], bytes],
+        build: Callable[[Retrieval, list[StoredInstance]], list[bytes | None]],
         service: str = "wado",
         scope: Scope | None = None,
     ) -> bytes:
-        """The metadata of a study, series or instance, as *build* makes it, per series cached.
+        """The metadata of a study, series or instance, per series cached, per instance built.
 
         The instances are located on the one retrieve path (:meth:`retrieve`, service
         ``wado``; one ``InstancesRetrieved`` record). For a study or series, each series'
-        part comes from ``<data_dir>/cache/metadata/`` when its validity stamp (a hash of
-        the sorted SOP Instance UIDs and SHA-256s of the series' instances, as the index
-        holds them now) still matches; otherwise *build* reads the instances (through
-        :meth:`Retrieval.read`, so verified) and the result is written there (tmp file then
-        rename) unless an instance failed. An instance is never cached on its own.
+        part comes from its cache file (:mod:`stockade.metacache`) when the file's stamp
+        (the series' SOP Instance UIDs and SHA-256s as the index holds them now) still
+        matches. Otherwise the objects of the instances the file already holds with the
+        same hash are reused, *build* reads only the others (through
+        :meth:`Retrieval.read`, so verified), and the file is written again unless an
+        instance failed. An instance is never cached on its own.
 
         Parameters
         ----------
@@ -968,13 +966,13 @@ class Archive:
         actor : Actor
             The caller, for the audit record.
         build : callable
-            ``build(retrieval, instances) -> bytes``: a JSON array of the instances; it
-            calls :meth:`Retrieval.done` for each.
+            ``build(retrieval, instances)``: each instance's compact DICOM JSON object, in
+            order, None for one that failed; it calls :meth:`Retrieval.done` for each.
 
         Returns
         -------
         bytes
-            One JSON array: the series' arrays joined in index order.
+            One JSON array: the series' objects in index order.
 
         Raises
         ------
@@ -988,76 +986,56 @@ class Archive:
             if not retrieval.instances:
                 raise NotFound(f"no {level} matches {dict(retrieval.keys)}")
             if level is Level.IMAGE:
-                return build(retrieval, retrieval.instances)
+                built = build(retrieval, retrieval.instances)
+                return metacache.join(obj for obj in built if obj is not None)
             by_series: dict[str, list[StoredInstance]] = {}
             for inst in retrieval.instances:
                 by_series.setdefault(inst.series_instance_uid, []).append(inst)
-            parts = []
-            for series_uid, instances in by_series.items():
-                path, stamp = self._metadata_place(
-                    instances[0].study_instance_uid, series_uid, instances
-                )
-                cached = self._metadata_cached(path, stamp)
-                if cached is not None:
-                    for inst in instances:
-                        retrieval.done(inst, "completed")
-                    parts.append(cached)
-                    continue
-                failed = len(retrieval.failed)
-                body = build(retrieval, instances)
-                if len(retrieval.failed) == failed:
-                    self._metadata_write(path, stamp, body)
-                parts.append(body)
-            return (
-                parts[0]
-                if len(parts) == 1
-                else b"["
-                + b",".join(p.strip()[1:-1] for p in parts if p.strip()[1:-1].strip())
-                + b"]"
-            )
+            parts = [
+                self._series_metadata(retrieval, instances, build)
+                for instances in by_series.values()
+            ]
+            if len(parts) == 1:
+                return parts[0]
+            return metacache.join(part[1:-1] for part in parts if part != b"[]")
         finally:
             retrieval.finish()
 
-    def _metadata_place(
-        self, study: str, series: str, instances: list[StoredInstance]
-    ) -> tuple[str, str]:
-        """Cache file of a series (named by a hash, never by a peer value) and its stamp."""
-        name = hashlib.sha256(f"{study}/{series}".encode()).hexdigest()
-        path = str(self.settings.data_dir / "cache" / "metadata" / name[:2] / f"{name}.json")
-        digest = hashlib.sha256(self.METADATA_CACHE_VERSION.encode())
-        for inst in sorted(instances, key=lambda i: i.sop_instance_uid):
-            digest.update(f"\n{inst.sop_instance_uid} {inst.sha256}".encode())
-        return path, f"{len(instances)}-{digest.hexdigest()}"
+    def _series_metadata(
+        self,
+        retrieval: Retrieval,
+        instances: list[StoredInstance],
+        build: Callable[[Retrieval, list[StoredInstance]], list[bytes | None]],
+    ) -> bytes:
+        """One series' JSON array: from its cache, completed by *build* where stale."""
+        first = instances[0]
+        path = metacache.place(
+            self.settings.data_dir, first.study_instance_uid, first.series_instance_uid
+        )
+        keys = [(inst.sop_instance_uid, inst.sha256) for inst in instances]
+        stamp = metacache.stamp(keys)
+        cached = metacache.load(path)
+        if cached is not None and cached.stamp == stamp.encode():
+            for inst in instances:
+                retrieval.done(inst, "completed")
+            return cached.body
+        known = cached.objects() if cached is not None else {}
+        reused = [inst for inst, key in zip(instances, keys, strict=True) if key in known]
+        missing = [inst for inst, key in zip(instances, keys, strict=True) if key not in known]
+        for inst in reused:
+            retrieval.done(inst, "completed")
+        failed = len(retrieval.failed)
+        built = build(retrieval, missing) if missing else []
+        for inst, obj in zip(missing, built, strict=True):
+            if obj is not None:
+                known[(inst.sop_instance_uid, inst.sha256)] = obj
+        entries = [(key, known[key]) for key in keys if key in known]
+        if len(retrieval.failed) != failed:
+            return metacache.join(obj for _, obj in entries)
+        return metacache.save(path, stamp, entries)
 
     def updated_series(
         self, since: datetime | None, until: datetime
     ) -> list[tuple[str, str, datetime]]:
         """Series of the studies updated in (*since*, *until*] (for cache warming)."""
         return self.index.updated_series(since, until)
-
-    @staticmethod
-    def _metadata_cached(path: str, stamp: str) -> bytes | None:
-        """The cached body at *path* if its first line is *stamp*."""
-        try:
-            with open(path, "rb") as fh:
-                raw = fh.read()
-        except OSError:
-            return None
-        head, sep, body = raw.partition(b"\n")
-        return body if sep and head == stamp.encode() else None
-
-    @staticmethod
-    def _metadata_write(path: str, stamp: str, body: bytes) -> None:
-        """Write the cache file atomically (tmp + rename); a failure only costs speed."""
-        import os
-        import threading
-
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                fh.write(stamp.encode() + b"\n" + body)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("metadata cache %s not written: %s", name, exc.strerror)

@@ -14,8 +14,8 @@ the host name a client used: :func:`absolute` adds the base URL of the request. 
 string value can never contain the text ``"BulkDataURI":"`` with unescaped quotes, so that
 replacement touches the keys only.
 
-Series metadata is cached by :meth:`stockade.archive.Archive.metadata`, which calls
-:func:`build` when its cache is stale.
+Series metadata is cached by :meth:`stockade.archive.Archive.metadata`
+(:mod:`stockade.metacache`), which calls :func:`build` for the instances its cache lacks.
 """
 
 from __future__ import annotations
@@ -148,28 +148,32 @@ def build(
     retrieval: Retrieval,
     instances: list[StoredInstance],
     pause: Callable[[], None] | None = None,
-) -> bytes:
-    """The DICOM JSON array of *instances* (relative BulkDataURIs), reading each verified blob.
+) -> list[bytes | None]:
+    """Each instance's DICOM JSON object (compact UTF-8, relative BulkDataURIs), in order,
+    reading each verified blob.
 
-    An instance that cannot be read (integrity, parse) is left out and counted as failed in
+    An instance that cannot be read (integrity, parse) is None and counted as failed in
     *retrieval*; the others are counted as completed. *pause*, when given, is called before
     each instance (background work waits there while requests are served).
     """
-    objects = []
+    objects: list[bytes | None] = []
     for inst in instances:
         if pause is not None:
             pause()
         try:
-            objects.append(instance_json(retrieval.read(inst), inst))
+            obj = instance_json(retrieval.read(inst), inst)
         except StockadeError as exc:
             retrieval.done(inst, "failed", exc.reason)
+            objects.append(None)
             continue
+        objects.append(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
         retrieval.done(inst, "completed")
-    return json.dumps(objects, separators=(",", ":"), ensure_ascii=False).encode()
+    return objects
 
 
 def absolute(body: bytes, base: str) -> bytes:
-    """*body* (DICOM JSON from :func:`build`) with its BulkDataURIs made absolute under *base*.
+    """*body* (DICOM JSON objects from :func:`build`, joined) with its BulkDataURIs made
+    absolute under *base*.
 
     Parameters
     ----------
@@ -180,9 +184,3 @@ def absolute(body: bytes, base: str) -> bytes:
     """
     quoted = json.dumps(base, ensure_ascii=False)[1:-1].encode()
     return body.replace(_MARKER, b'"BulkDataURI":"' + quoted + b"/studies/")
-
-
-def join_arrays(arrays: list[bytes]) -> bytes:
-    """Several JSON arrays (compact, from :func:`build`) as one."""
-    inner = [a.strip()[1:-1] for a in arrays]
-    return b"[" + b",".join(i for i in inner if i.strip()) + b"]"
