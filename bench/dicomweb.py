@@ -18,7 +18,8 @@ with ``--database-url``; a fresh Orthanc) and measures, with httpx as the client
   (pydicom's CT_small header, 16 x 16 pixels) stored with STOW-RS, then ``GET
   /studies/{uid}/series/{uid}/metadata`` timed once (the first request) and 20 times more
   (median), from sending the request to the last byte of the answer (the JSON is parsed
-  and its length checked outside the timed part);
+  and its length checked outside the timed part); then one more instance of that series
+  is stored and the next request timed (a series that grows after a viewer opened it);
 - WADO-RS: each study retrieved with ``GET /studies/{uid}`` and ``Accept: multipart/related;
   type="application/dicom"`` on one connection, the body streamed and discarded;
   instances/s = N / wall time; the parts are counted.
@@ -89,19 +90,21 @@ def base_url(target: Target, session: Session) -> str:
     return f"http://127.0.0.1:{session.http_port}{root}"
 
 
+def multipart_body(files: list[bytes]) -> bytes:
+    """A STOW-RS request body of *files* (PS3.18 10.5.1)."""
+    parts = b"".join(
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n"
+        for f in files
+    )
+    return parts + f"--{BOUNDARY}--\r\n".encode()
+
+
 def bodies(files: list[Path], batch: int) -> list[bytes]:
     """STOW-RS request bodies of *batch* Part 10 files each (PS3.18 10.5.1)."""
-    out = []
-    for start in range(0, len(files), batch):
-        parts = []
-        for path in files[start : start + batch]:
-            parts.append(
-                f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                + path.read_bytes()
-                + b"\r\n"
-            )
-        out.append(b"".join(parts) + f"--{BOUNDARY}--\r\n".encode())
-    return out
+    return [
+        multipart_body([path.read_bytes() for path in files[start : start + batch]])
+        for start in range(0, len(files), batch)
+    ]
 
 
 def stow(url: str, batches: list[bytes]) -> None:
@@ -234,23 +237,22 @@ def one_series(count: int) -> tuple[str, str, list[bytes]]:
     return study, series, out
 
 
-def series_metadata(target: Target, run_dir: Path, count: int, repeats: int) -> tuple[float, float]:
+def series_metadata(
+    target: Target, run_dir: Path, count: int, repeats: int
+) -> tuple[float, float, float]:
     """Store one series of *count* instances, then time ``GET .../metadata`` of it: the
-    first request (cold: built from the files) and the median of *repeats* more (warm)."""
-    study, series, files = one_series(count)
+    first request (cold: built from the files), the median of *repeats* more (warm), and
+    the request after one more instance of the series was stored (grown)."""
+    study, series, files = one_series(count + 1)
+    files, extra = files[:count], files[count]
     with target.session(run_dir) as session:
         url = base_url(target, session)
-        batches = []
-        for start in range(0, len(files), 100):
-            batch = b"".join(
-                f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n"
-                for f in files[start : start + 100]
-            )
-            batches.append(batch + f"--{BOUNDARY}--\r\n".encode())
-        stow(url, batches)
+        stow(url, [multipart_body(files[start : start + 100]) for start in range(0, count, 100)])
         times = []
         with httpx.Client(timeout=600, headers=HEADERS) as client:
-            for _ in range(repeats + 1):
+            for number in range(repeats + 2):
+                if number == repeats + 1:
+                    stow(url, [multipart_body([extra])])
                 started = time.perf_counter()
                 response = client.get(
                     f"{url}/studies/{study}/series/{series}/metadata",
@@ -259,9 +261,10 @@ def series_metadata(target: Target, run_dir: Path, count: int, repeats: int) -> 
                 raw = response.content
                 times.append((time.perf_counter() - started) * 1000)
                 body = json.loads(raw)  # checked outside the timed part
-                if response.status_code != 200 or len(body) != count:
+                expected = count + (number == repeats + 1)
+                if response.status_code != 200 or len(body) != expected:
                     raise BenchError(f"metadata: {response.status_code}, {len(body)} items")
-    return times[0], statistics.median(times[1:])
+    return times[0], statistics.median(times[1:-1]), times[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,12 +370,15 @@ def measure(
     if args.metadata:
         print()
         print(
-            f"| target | series metadata, {args.metadata} instances: first | then (median of 20) |"
+            f"| target | series metadata, {args.metadata} instances: first "
+            "| then (median of 20) | after one more instance |"
         )
-        print("|---|---:|---:|")
+        print("|---|---:|---:|---:|")
         for target in targets:
-            cold, warm = series_metadata(target, root / f"{target.key}-metadata", args.metadata, 20)
-            print(f"| {target.title} | {cold:.0f} ms | {warm:.1f} ms |")
+            cold, warm, grown = series_metadata(
+                target, root / f"{target.key}-metadata", args.metadata, 20
+            )
+            print(f"| {target.title} | {cold:.0f} ms | {warm:.1f} ms | {grown:.1f} ms |")
     print(f"\nlogs: {root}")
     return 0
 
