@@ -240,7 +240,7 @@ def test_wrong_part_content_type_fails_that_part(client: TestClient, archive: Ar
     [
         "application/dicom",
         "application/json",
-        f"multipart/related; type=application/dicom+json; boundary={BOUNDARY}",
+        f"multipart/related; type=application/dicom+xml; boundary={BOUNDARY}",
         f"multipart/mixed; boundary={BOUNDARY}",
         "",
     ],

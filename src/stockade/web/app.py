@@ -237,7 +237,11 @@ MEDIA_TYPES = {
         "image/png",
         "image/gif",
     ],
-    "STOW-RS": ['multipart/related; type="application/dicom"', "application/dicom+json"],
+    "STOW-RS": [
+        'multipart/related; type="application/dicom"',
+        'multipart/related; type="application/dicom+json"',
+        "application/dicom+json",
+    ],
     "WADO-URI": ["application/dicom", "image/jpeg", "image/png", "image/gif"],
 }
 

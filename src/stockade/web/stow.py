@@ -2,7 +2,11 @@
 
 Routes (relative to ``/dicomweb``): ``POST /studies`` and ``POST /studies/{study}``, taking
 ``multipart/related; type="application/dicom"; boundary=...`` (PS3.18 10.5.1.2, 8.6.1.2; the
-``type`` parameter quoted or not). JSON + bulk data STOW is not supported (415).
+``type`` parameter quoted or not), or ``multipart/related; type="application/dicom+json"``:
+DICOM JSON metadata and bulk data parts, each instance made into a Part 10 file by
+:mod:`stockade.web.stowjson` and then stored like a DICOM part. Such a request is held in
+memory until it ends (a bulk data part may come after the metadata that names it, or before),
+so its parts together are bounded by ``max_object_size`` (413 beyond).
 
 The request body is read as it arrives and cut into parts by
 :class:`~stockade.web.multipart.MultipartParser` under hard limits (threat model SR-14): a
@@ -90,6 +94,7 @@ from stockade.errors import (
     StockadeError,
 )
 from stockade.ingest import Origin, Prepared
+from stockade.web import stowjson
 from stockade.web.app import BASE, PROBLEM, actor_of, archive_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE, RETRIEVE_URL, tag_hex
 from stockade.web.encoding import BadEncoding, check_coding, decoded
@@ -406,15 +411,16 @@ def response_body(base: str, outcomes: list[Outcome], study: str | None) -> dict
     return body
 
 
-def _check_request(request: Request, archive: Archive) -> bytes:
-    """Check the headers of a STOW-RS request; return the multipart boundary.
+def _check_request(request: Request, archive: Archive) -> tuple[bytes, str]:
+    """Check the headers of a STOW-RS request; return the multipart boundary and the media
+    type of its parts (``application/dicom`` or ``application/dicom+json``).
 
     Raises
     ------
     ObjectTooLarge
         A declared Content-Length over ``http_max_body_size`` (nothing has been read).
     UnsupportedMediaType
-        Not ``multipart/related`` of ``application/dicom``.
+        Not ``multipart/related`` of ``application/dicom`` or ``application/dicom+json``.
     MalformedMultipart
         No usable boundary, or a Content-Length that is not a number.
     """
@@ -436,12 +442,12 @@ def _check_request(request: Request, archive: Archive) -> bytes:
             f"{kind[:64] or 'a body without Content-Type'} (PS3.18 10.5.1.2)"
         )
     part_type = params.get("type", "").lower()
-    if part_type != DICOM_MEDIA_TYPE:
+    if part_type not in (DICOM_MEDIA_TYPE, stowjson.METADATA_MEDIA_TYPE):
         raise UnsupportedMediaType(
             f"multipart/related of type {part_type[:64]!r} is not supported; "
-            f"only {DICOM_MEDIA_TYPE} (PS3.18 10.5.1.2)"
+            f"only {DICOM_MEDIA_TYPE} and {stowjson.METADATA_MEDIA_TYPE} (PS3.18 10.5.1.2)"
         )
-    return check_boundary(params.get("boundary", ""))
+    return check_boundary(params.get("boundary", "")), part_type
 
 
 def _stopped(exc: StockadeError, outcomes: list[Outcome]) -> Response:
@@ -610,6 +616,88 @@ class _Parts:
         return [o for o in self.outcomes if o is not None]
 
 
+class _Collected:
+    """The parts of a metadata and bulk data request, held until the request ends: the
+    metadata parts in order, the bulk data parts by Content-Location (PS3.18 8.7.3)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.metadata: list[bytearray] = []
+        self.bulk: dict[str, stowjson.Bulk] = {}
+
+    def add(self, part: Part) -> None:
+        """Keep *part*. A bulk data part without Content-Location, or whose Content-Type
+        does not parse, cannot be named by the metadata and is let go.
+
+        Raises
+        ------
+        ObjectTooLarge
+            A part over ``max_object_size``, or the parts together over it.
+        MalformedMultipart
+            Two bulk data parts with the same Content-Location.
+        """
+        self.held += part.size
+        if part.too_large or self.held > self.limit:
+            raise ObjectTooLarge(
+                "a metadata and bulk data request is held until it ends, and its parts "
+                f"together exceed max_object_size ({self.limit} bytes)"
+            )
+        given = part.headers.get("content-type")
+        try:
+            kind, params = media_type(given) if given else (stowjson.METADATA_MEDIA_TYPE, {})
+        except MalformedMultipart:
+            return
+        if kind == stowjson.METADATA_MEDIA_TYPE:
+            self.metadata.append(part.body)
+            return
+        location = part.headers.get("content-location")
+        if location is None:
+            return
+        if location in self.bulk:
+            raise MalformedMultipart(
+                f"two bulk data parts have Content-Location {location[:200]!r}"
+            )
+        self.bulk[location] = stowjson.Bulk(kind, params.get("transfer-syntax"), part.body)
+
+
+async def _convert(collected: _Collected, parts: _Parts, archive: Archive, origin: Origin) -> None:
+    """Make each instance of the metadata a Part 10 file (in a worker thread) and queue it
+    for ingest; one that cannot be made fails alone, audited like a refused part."""
+    for body in collected.metadata:
+        try:
+            objects = await run_in_threadpool(stowjson.instances, body)
+        except StockadeError as exc:
+            parts.add_outcome(_unconverted(archive, origin, None, exc))
+            continue
+        for obj in objects:
+            try:
+                data = await run_in_threadpool(stowjson.to_part10, obj, collected.bulk)
+            except StockadeError as exc:
+                parts.add_outcome(_unconverted(archive, origin, obj, exc))
+                continue
+            await parts.add(data)
+            del data
+
+
+def _unconverted(archive: Archive, origin: Origin, obj: Any, exc: StockadeError) -> Outcome:
+    known = Identity(
+        _valid(stowjson.claimed(obj, "00080016")),
+        _valid(stowjson.claimed(obj, "00080018")),
+        _valid(stowjson.claimed(obj, "0020000D")),
+    )
+    archive.audit(
+        InstanceRejected(
+            actor=origin.actor(),
+            outcome="failure",
+            reason=exc.reason,
+            code=exc.code,
+            sop_instance_uid=known.sop_instance,
+        )
+    )
+    return Outcome(known, False, [exc.reason], exc.dimse_status, exc.code)
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -624,11 +712,18 @@ async def store(request: Request) -> Response:
         problem = uid_problem(study)
         if problem:
             raise InvalidAttribute(f"StudyInstanceUID in the URL {problem}")
-    boundary = _check_request(request, archive)
+    boundary, part_type = _check_request(request, archive)
     settings = archive.settings
     actor = actor_of(request)  # the authenticated user is recorded as the sender
     origin = Origin(via="web", address=actor.address, user=actor.user)
-    parser = MultipartParser(boundary, max_part_size=settings.max_object_size, keep=_keep)
+    collected = (
+        _Collected(settings.max_object_size) if part_type == stowjson.METADATA_MEDIA_TYPE else None
+    )
+    parser = MultipartParser(
+        boundary,
+        max_part_size=settings.max_object_size,
+        keep=_keep if collected is None else None,
+    )
     parts = _Parts(archive, origin, study)
     try:
         stream = decoded(
@@ -637,6 +732,9 @@ async def store(request: Request) -> Response:
         received = read_parts(stream, parser, settings.http_max_body_size)
         async with aclosing(received):
             async for part in received:
+                if collected is not None:
+                    collected.add(part)
+                    continue
                 refused = _refused(part, settings.max_object_size)
                 if refused is not None:
                     parts.add_outcome(refused)
@@ -644,6 +742,8 @@ async def store(request: Request) -> Response:
                 body, part.body = part.body, bytearray()
                 await parts.add(body)
                 del body
+        if collected is not None:
+            await _convert(collected, parts, archive, origin)
         outcomes = await parts.finish()
     except (MalformedMultipart, ObjectTooLarge, BadEncoding) as exc:
         return _stopped(exc, await parts.finish())
