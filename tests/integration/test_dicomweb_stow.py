@@ -9,6 +9,7 @@ What is stored must be what was sent (the data set bytes behind Stockade's own F
 from __future__ import annotations
 
 import io
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -197,3 +198,48 @@ def test_chunked_upload_over_the_limit_is_413(server: StockadeServer) -> None:
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert time.monotonic() - started < 15
     assert server.count() == before
+
+
+def test_metadata_and_bulk_data_stored_then_retrieved_by_dicomweb_client(
+    server: StockadeServer,
+) -> None:
+    """DICOM JSON metadata with the pixels as octet-stream bulk parts (PS3.18 10.5.1.2),
+    sent with httpx; dicomweb-client retrieves what was stored."""
+    datasets = study(3, seed=4)
+    boundary = "json-bulk"
+    body = b""
+    objects = []
+    for ds in datasets:
+        uri = f"{server.dicomweb}/upload/{ds.SOPInstanceUID}/pixels"
+        obj = ds.to_json_dict(bulk_data_threshold=1 << 30)
+        obj["7FE00010"] = {"vr": "OW", "BulkDataURI": uri}
+        objects.append(obj)
+        body += (
+            (
+                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Location: {uri}\r\n\r\n"
+            ).encode()
+            + ds.PixelData
+            + b"\r\n"
+        )
+    metadata = f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode()
+    body = metadata + json.dumps(objects).encode() + b"\r\n" + body + f"--{boundary}--\r\n".encode()
+    before = server.count()  # the module's server is shared
+    response = server.post(
+        f"{server.dicomweb}/studies",
+        content=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    stored = response.json()["00081199"]["Value"]
+    assert [item["00081155"]["Value"] for item in stored] == [[d.SOPInstanceUID] for d in datasets]
+
+    client = server.web()
+    for ds in datasets:
+        got = client.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        assert got.PatientID == ds.PatientID and got.InstanceNumber == ds.InstanceNumber
+        assert np.array_equal(got.pixel_array, ds.pixel_array)
+    assert_verify_intact(server, before + 3)
