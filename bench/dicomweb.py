@@ -4,6 +4,7 @@ Run from the repository root (needs Debian's ``orthanc`` and ``orthanc-dicomweb`
 
     .venv/bin/python -m bench.dicomweb                 # 2,000 instances, 3 runs
     .venv/bin/python -m bench.dicomweb --instances 200 --runs 1
+    .venv/bin/python -m bench.dicomweb --runs 0        # series metadata only
 
 Data: the synthetic CT set of :mod:`bench.synthetic` (512 x 512, 16 bits, Explicit VR Little
 Endian, about 0.5 MB each; four patients with one study each). Every run starts each
@@ -237,6 +238,19 @@ def one_series(count: int) -> tuple[str, str, list[bytes]]:
     return study, series, out
 
 
+def timed_metadata(client: httpx.Client, url: str, expected: int) -> float:
+    """Milliseconds from sending ``GET`` *url* to the last byte of its answer, which must
+    be 200 and a JSON array of *expected* instances (checked outside the timed part)."""
+    started = time.perf_counter()
+    response = client.get(url, headers={"Accept": "application/dicom+json"})
+    raw = response.content
+    elapsed = (time.perf_counter() - started) * 1000
+    body = json.loads(raw)
+    if response.status_code != 200 or len(body) != expected:
+        raise BenchError(f"metadata: {response.status_code}, {len(body)} items")
+    return elapsed
+
+
 def series_metadata(
     target: Target, run_dir: Path, count: int, repeats: int
 ) -> tuple[float, float, float]:
@@ -248,29 +262,24 @@ def series_metadata(
     with target.session(run_dir) as session:
         url = base_url(target, session)
         stow(url, [multipart_body(files[start : start + 100]) for start in range(0, count, 100)])
+        metadata_url = f"{url}/studies/{study}/series/{series}/metadata"
         times = []
         with httpx.Client(timeout=600, headers=HEADERS) as client:
-            for number in range(repeats + 2):
-                if number == repeats + 1:
-                    stow(url, [multipart_body([extra])])
-                started = time.perf_counter()
-                response = client.get(
-                    f"{url}/studies/{study}/series/{series}/metadata",
-                    headers={"Accept": "application/dicom+json"},
-                )
-                raw = response.content
-                times.append((time.perf_counter() - started) * 1000)
-                body = json.loads(raw)  # checked outside the timed part
-                expected = count + (number == repeats + 1)
-                if response.status_code != 200 or len(body) != expected:
-                    raise BenchError(f"metadata: {response.status_code}, {len(body)} items")
+            for _ in range(repeats + 1):
+                times.append(timed_metadata(client, metadata_url, count))
+        stow(url, [multipart_body([extra])])
+        # a new connection: a server may close one left idle while the instance was stored
+        with httpx.Client(timeout=600, headers=HEADERS) as client:
+            times.append(timed_metadata(client, metadata_url, count + 1))
     return times[0], statistics.median(times[1:-1]), times[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dicomweb", description=__doc__)
     parser.add_argument("--instances", type=int, default=2000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--runs", type=int, default=3, help="STOW-RS and WADO-RS runs (0: series metadata only)"
+    )
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--targets", default="stockade,orthanc")
@@ -331,6 +340,26 @@ def keep_until_end(root: Path, data_bytes: int, sessions: int) -> bool:
     return False
 
 
+def throughput_table(results: dict[str, list[dict[str, float]]]) -> None:
+    """Print the medians of the STOW-RS and WADO-RS runs, and their ratio."""
+    print()
+    print("| target | STOW-RS, 1 connection | STOW-RS, 4 connections | WADO-RS study retrieve |")
+    print("|---|---:|---:|---:|")
+    medians = {
+        title: {k: statistics.median(r[k] for r in runs) for k in ("stow1", "stow4", "wado")}
+        for title, runs in results.items()
+    }
+    for title, m in medians.items():
+        print(f"| {title} | {m['stow1']:.1f}/s | {m['stow4']:.1f}/s | {m['wado']:.1f}/s |")
+    titles = list(medians)
+    if len(titles) == 2:
+        a, b = medians[titles[0]], medians[titles[1]]
+        print(
+            f"| ratio | {a['stow1'] / b['stow1']:.2f}x | {a['stow4'] / b['stow4']:.2f}x "
+            f"| {a['wado'] / b['wado']:.2f}x |"
+        )
+
+
 def measure(
     args: argparse.Namespace,
     targets: list[Target],
@@ -351,22 +380,8 @@ def measure(
                 + ", ".join(f"{k} {v:.1f}/s" for k, v in figures.items()),
                 flush=True,
             )
-    print()
-    print("| target | STOW-RS, 1 connection | STOW-RS, 4 connections | WADO-RS study retrieve |")
-    print("|---|---:|---:|---:|")
-    medians = {
-        title: {k: statistics.median(r[k] for r in runs) for k in ("stow1", "stow4", "wado")}
-        for title, runs in results.items()
-    }
-    for title, m in medians.items():
-        print(f"| {title} | {m['stow1']:.1f}/s | {m['stow4']:.1f}/s | {m['wado']:.1f}/s |")
-    titles = list(medians)
-    if len(titles) == 2:
-        a, b = medians[titles[0]], medians[titles[1]]
-        print(
-            f"| ratio | {a['stow1'] / b['stow1']:.2f}x | {a['stow4'] / b['stow4']:.2f}x "
-            f"| {a['wado'] / b['wado']:.2f}x |"
-        )
+    if args.runs:
+        throughput_table(results)
     if args.metadata:
         print()
         print(
