@@ -24,6 +24,14 @@ from stockade.dicom.part10 import read_part10
 from stockade.web.app import create_app
 from tests.conftest import authed
 from tests.dicomfactory import make_dataset
+from tests.test_web_stow import (
+    FAILED,
+    FAILURE_REASON,
+    PRIVATE_REASON,
+    REFERENCED,
+    SOP_INSTANCE,
+    values,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -31,11 +39,6 @@ with warnings.catch_warnings():
 
 BOUNDARY = "stow-json-boundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}'
-FAILED = "00081198"
-REFERENCED = "00081199"
-FAILURE_REASON = "00081197"
-SOP_INSTANCE = "00081155"
-PRIVATE_REASON = "00091001"
 J2K = "1.2.840.10008.1.2.4.90"
 
 Part = tuple[dict[str, str], bytes]
@@ -75,10 +78,6 @@ def as_json(ds: pydicom.Dataset, prefix: str, bulk: list[Part]) -> dict[str, Any
 
 def post(client: TestClient, parts: list[Part], path: str = "/dicomweb/studies") -> Any:
     return client.post(path, content=body_of(parts), headers={"Content-Type": CONTENT_TYPE})
-
-
-def values(item: dict[str, Any], tag: str) -> list[Any]:
-    return list(item.get(tag, {}).get("Value", []))
 
 
 def stored(archive: Archive, sop_instance_uid: str) -> tuple[bytes, pydicom.Dataset]:

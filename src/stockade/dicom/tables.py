@@ -84,3 +84,24 @@ STORAGE_SOP_CLASSES: dict[str, str] = {
     str(cx.abstract_syntax): str(getattr(cx.abstract_syntax, "name", ""))
     for cx in AllStoragePresentationContexts
 }
+
+
+#: Compressed pixel media types (PS3.18 Table 8.7.3-5) and the transfer syntaxes they carry:
+#: WADO-RS frames and bulk data, STOW-RS bulk Pixel Data.
+PIXEL_MEDIA_TYPES: dict[str, frozenset[str]] = {
+    "image/jpeg": frozenset(
+        {
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.51",
+            "1.2.840.10008.1.2.4.57",
+            "1.2.840.10008.1.2.4.70",
+        }
+    ),
+    "image/jls": frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}),
+    "image/jp2": frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}),
+    "image/jpx": frozenset({"1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"}),
+    "image/jphc": frozenset(
+        {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+    ),
+    "image/dicom-rle": frozenset({"1.2.840.10008.1.2.5"}),
+}

@@ -300,16 +300,7 @@ def prepare_part(
                 )
         return archive.prepare_file(data, origin)
     except StudyMismatch as exc:
-        archive.audit(
-            InstanceRejected(
-                actor=origin.actor(),
-                outcome="failure",
-                reason=exc.reason,
-                code=exc.code,
-                sop_instance_uid=_valid(known.sop_instance),
-            )
-        )
-        return Outcome(known, False, [exc.reason], exc.dimse_status, exc.code)
+        return _rejected(archive, origin, known, exc)
     except StockadeError as exc:
         if known == Identity():
             try:
@@ -682,17 +673,22 @@ async def _convert(collected: _Collected, parts: _Parts, archive: Archive, origi
 
 def _unconverted(archive: Archive, origin: Origin, obj: Any, exc: StockadeError) -> Outcome:
     known = Identity(
-        _valid(stowjson.claimed(obj, "00080016")),
-        _valid(stowjson.claimed(obj, "00080018")),
-        _valid(stowjson.claimed(obj, "0020000D")),
+        stowjson.claimed(obj, "00080016"),
+        stowjson.claimed(obj, "00080018"),
+        stowjson.claimed(obj, "0020000D"),
     )
+    return _rejected(archive, origin, known, exc)
+
+
+def _rejected(archive: Archive, origin: Origin, known: Identity, exc: StockadeError) -> Outcome:
+    """Audit a part refused before ingest (ingest audits its own refusals); its outcome."""
     archive.audit(
         InstanceRejected(
             actor=origin.actor(),
             outcome="failure",
             reason=exc.reason,
             code=exc.code,
-            sop_instance_uid=known.sop_instance,
+            sop_instance_uid=_valid(known.sop_instance),
         )
     )
     return Outcome(known, False, [exc.reason], exc.dimse_status, exc.code)

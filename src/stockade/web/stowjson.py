@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from stockade.dicom.tables import PIXEL_MEDIA_TYPES
 from stockade.errors import InvalidAttribute, InvalidObject, ObjectTooLarge
 
 #: The media type of metadata parts and of the request's ``type`` parameter.
@@ -47,25 +48,6 @@ MAX_FRAMES = 100_000
 PIXEL_DATA = "7FE00010"
 PIXEL_DATA_TAG = 0x7FE00010
 TRANSFER_SYNTAX = "00020010"
-
-#: Compressed pixel media types (PS3.18 Table 8.7.3-5) and the transfer syntaxes they carry.
-PIXEL_MEDIA: dict[str, frozenset[str]] = {
-    "image/jpeg": frozenset(
-        {
-            "1.2.840.10008.1.2.4.50",
-            "1.2.840.10008.1.2.4.51",
-            "1.2.840.10008.1.2.4.57",
-            "1.2.840.10008.1.2.4.70",
-        }
-    ),
-    "image/jls": frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}),
-    "image/jp2": frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}),
-    "image/jpx": frozenset({"1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"}),
-    "image/jphc": frozenset(
-        {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
-    ),
-    "image/dicom-rle": frozenset({"1.2.840.10008.1.2.5"}),
-}
 
 
 @dataclass(frozen=True)
@@ -157,7 +139,7 @@ class _Pixels:
         if len(media) != 1:
             raise InvalidObject("the frames of Pixel Data are in different media types")
         kind = media.pop()
-        carried = PIXEL_MEDIA.get(kind)
+        carried = PIXEL_MEDIA_TYPES.get(kind)
         if carried is None:
             raise InvalidObject(f"Pixel Data in {kind[:64]} is not supported (PS3.18 8.7.3)")
         given = {f.transfer_syntax for f in frames if f.transfer_syntax}

@@ -59,6 +59,7 @@ from stockade.dicom.part10 import PREAMBLE_LENGTH, ZERO_PREAMBLE, file_header
 from stockade.dicom.tables import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    PIXEL_MEDIA_TYPES,
     TRANSFER_SYNTAX_BY_UID,
 )
 from stockade.dicom.uids import uid_problem
@@ -84,24 +85,6 @@ DICOM = "application/dicom"
 OCTET = "application/octet-stream"
 #: Marks "as stored" (``transfer-syntax=*``) among the candidate transfer syntaxes.
 AS_STORED = "*"
-#: Compressed frame media types (PS3.18 Table 8.7.3-5) and the transfer syntaxes they carry.
-FRAME_MEDIA: dict[str, frozenset[str]] = {
-    "image/jpeg": frozenset(
-        {
-            "1.2.840.10008.1.2.4.50",
-            "1.2.840.10008.1.2.4.51",
-            "1.2.840.10008.1.2.4.57",
-            "1.2.840.10008.1.2.4.70",
-        }
-    ),
-    "image/jls": frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}),
-    "image/jp2": frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}),
-    "image/jpx": frozenset({"1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"}),
-    "image/jphc": frozenset(
-        {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
-    ),
-    "image/dicom-rle": frozenset({"1.2.840.10008.1.2.5"}),
-}
 #: Native transfer syntaxes whose stored bytes can be sliced as they are (little endian).
 _NATIVE_LE = frozenset({EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN})
 #: Pixel Data, Float Pixel Data, Double Float Pixel Data (PS3.3 C.7.6.3), first found wins.
@@ -542,9 +525,9 @@ def _frame_choice(ranges: Sequence[MediaRange], stored: str) -> tuple[str, str] 
                 return OCTET, EXPLICIT_VR_LITTLE_ENDIAN
             continue
         families = (
-            FRAME_MEDIA.items()
+            PIXEL_MEDIA_TYPES.items()
             if part == "image/*"
-            else [(part, FRAME_MEDIA.get(part, frozenset()))]
+            else [(part, PIXEL_MEDIA_TYPES.get(part, frozenset()))]
         )
         for media, syntaxes in families:
             if stored in syntaxes and ts in (None, AS_STORED, stored):
