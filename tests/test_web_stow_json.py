@@ -21,6 +21,7 @@ from stockade.archive import Archive
 from stockade.audit.events import InstanceRejected
 from stockade.audit.sink import MemoryAuditSink
 from stockade.dicom.part10 import read_part10
+from stockade.web import stow
 from stockade.web.app import create_app
 from tests.conftest import authed
 from tests.dicomfactory import make_dataset
@@ -229,6 +230,20 @@ def test_parts_over_max_object_size_together_are_413_and_nothing_is_stored(
     assert response.headers["content-type"].startswith("application/problem+json")
     assert "max_object_size" in response.json()["detail"]
     assert archive.counts()["instances"] == 0
+
+
+def test_more_instances_than_a_request_may_hold_are_400_before_any_is_stored(
+    client: TestClient, archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stow, "MAX_PARTS", 2)
+    bulk: list[Part] = []
+    objects = [as_json(make_dataset(), f"u{n}", bulk) for n in range(3)]
+    response = post(client, [metadata_part(objects), *bulk])
+    assert response.status_code == 400, response.text
+    assert "more than 2 instances" in response.json()["detail"]
+    assert archive.counts()["instances"] == 0
+    assert post(client, [metadata_part(objects[:2]), *bulk[:2]]).status_code == 200
+    assert archive.counts()["instances"] == 2
 
 
 def test_two_bulk_parts_with_one_location_are_400(client: TestClient, archive: Archive) -> None:

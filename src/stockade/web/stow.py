@@ -6,7 +6,8 @@ Routes (relative to ``/dicomweb``): ``POST /studies`` and ``POST /studies/{study
 DICOM JSON metadata and bulk data parts, each instance made into a Part 10 file by
 :mod:`stockade.web.stowjson` and then stored like a DICOM part. Such a request is held in
 memory until it ends (a bulk data part may come after the metadata that names it, or before),
-so its parts together are bounded by ``max_object_size`` (413 beyond).
+so its parts together are bounded by ``max_object_size`` (413 beyond), and its instances by
+:data:`~stockade.web.multipart.MAX_PARTS` (400 beyond).
 
 The request body is read as it arrives and cut into parts by
 :class:`~stockade.web.multipart.MultipartParser` under hard limits (threat model SR-14): a
@@ -99,6 +100,7 @@ from stockade.web.app import BASE, PROBLEM, actor_of, archive_of
 from stockade.web.dicomjson import JSON_MEDIA_TYPE, RETRIEVE_URL, tag_hex
 from stockade.web.encoding import BadEncoding, check_coding, decoded
 from stockade.web.multipart import (
+    MAX_PARTS,
     MalformedMultipart,
     MultipartParser,
     Part,
@@ -655,12 +657,16 @@ class _Collected:
 async def _convert(collected: _Collected, parts: _Parts, archive: Archive, origin: Origin) -> None:
     """Make each instance of the metadata a Part 10 file (in a worker thread) and queue it
     for ingest; one that cannot be made fails alone, audited like a refused part."""
+    count = 0
     for body in collected.metadata:
         try:
             objects = await run_in_threadpool(stowjson.instances, body)
         except StockadeError as exc:
             parts.add_outcome(_unconverted(archive, origin, None, exc))
             continue
+        count += len(objects)
+        if count > MAX_PARTS:  # as many instances as a DICOM request may have parts
+            raise MalformedMultipart(f"the metadata holds more than {MAX_PARTS} instances")
         for obj in objects:
             try:
                 data = await run_in_threadpool(stowjson.to_part10, obj, collected.bulk)
