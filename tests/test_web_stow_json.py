@@ -265,3 +265,59 @@ def test_xml_metadata_is_still_415(client: TestClient) -> None:
     )
     assert response.status_code == 415
     assert "application/dicom+json" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("depth", "reason"),
+    [(50, "nested deeper than"), (3000, "not DICOM JSON")],
+)
+def test_deeply_nested_sequences_fail_with_a_reason(
+    client: TestClient, archive: Archive, depth: int, reason: str
+) -> None:
+    """Ingest's nesting limit refuses what pydicom can build; JSON nested beyond what the
+    parser can follow is refused as such; either way the server answers."""
+    bulk: list[Part] = []
+    head = json.dumps(as_json(make_dataset(), "u", bulk))[:-1]
+    leaf = '{"00100010": {"vr": "PN", "Value": [{"Alphabetic": "A"}]}}'
+    nested = (
+        '{"vr": "SQ", "Value": [{"00081115": ' * (depth - 1)
+        + '{"vr": "SQ", "Value": ['
+        + leaf
+        + "]}"
+        + "}]}" * (depth - 1)
+    )
+    text = f'[{head}, "00081115": {nested}}}]'
+    response = post(client, [({"Content-Type": "application/dicom+json"}, text.encode()), *bulk])
+    assert response.status_code == 409, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert reason in values(failed, PRIVATE_REASON)[0]
+    assert archive.counts()["instances"] == 0
+
+
+@pytest.mark.parametrize(
+    "attribute",
+    [
+        ("00100010", {"vr": "PN", "Value": "not a list"}),
+        ("00100010", {"vr": "PN", "Value": [{"Alphabetic": 5}]}),
+        ("00091010", {"vr": "OB", "InlineBinary": "not base64 ==="}),
+        ("00420011", {"vr": "OB", "BulkDataURI": 7}),
+        ("00100020", {"vr": "XX", "Value": ["1"]}),
+        ("zz", {"vr": "LO", "Value": ["1"]}),
+        ("00100010", "not an attribute"),
+    ],
+)
+def test_hostile_attribute_fails_the_instance_not_the_server(
+    client: TestClient, archive: Archive, attribute: tuple[str, Any]
+) -> None:
+    bulk: list[Part] = []
+    obj = as_json(make_dataset(), "u", bulk)
+    obj[attribute[0]] = attribute[1]
+    response = post(client, [metadata_part([obj]), *bulk])
+    assert response.status_code == 409, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert values(failed, FAILURE_REASON)[0] >> 12 in (0xA, 0xC)
+    assert values(failed, PRIVATE_REASON)[0]
+    assert archive.counts()["instances"] == 0
+    # the server goes on: the same instance without the attribute is stored
+    del obj[attribute[0]]
+    assert post(client, [metadata_part([obj]), *bulk]).status_code == 200
