@@ -185,7 +185,7 @@ def test_each_instance_that_cannot_be_made_fails_alone_with_its_reason(
     assert "u1/bulk/7FE00010" in reasons[0] and "not in the request" in reasons[0]
     assert "SOP Instance UID" in reasons[1]
     assert values(failed[2], SOP_INSTANCE) == []  # an invalid UID is never sent back
-    assert "only Pixel Data may be compressed" in reasons[3]
+    assert "only the data set's Pixel Data may be compressed" in reasons[3]
     assert "transfer syntax of Pixel Data in image/jp2 is not given" in reasons[4]
     assert "not a JSON object" in reasons[5]
     assert "not DICOM JSON" in reasons[6] and "NaN" in reasons[6]
@@ -265,6 +265,45 @@ def test_xml_metadata_is_still_415(client: TestClient) -> None:
     )
     assert response.status_code == 415
     assert "application/dicom+json" in response.json()["detail"]
+
+
+def test_compressed_pixels_only_at_the_top_and_as_many_frames_as_declared(
+    client: TestClient, archive: Archive
+) -> None:
+    source = pydicom.dcmread(str(get_testdata_file("emri_small_jpeg_2k_lossless.dcm")))
+    frames = list(generate_frames(source.PixelData, number_of_frames=int(source.NumberOfFrames)))
+    obj = source.to_json_dict(bulk_data_threshold=1 << 30)
+    obj["7FE00010"] = {"vr": "OB", "BulkDataURI": "px"}
+    jp2 = {"Content-Type": f"image/jp2; transfer-syntax={J2K}"}
+    all_frames = [
+        ({**jp2, "Content-Location": f"px/frames/{n}"}, f) for n, f in enumerate(frames, 1)
+    ]
+    # one frame short of Number of Frames
+    response = post(client, [metadata_part([obj]), *all_frames[:-1]])
+    assert response.status_code == 409, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert f"holds {len(frames) - 1} frame(s)" in values(failed, PRIVATE_REASON)[0]
+    # compressed pixels inside a sequence (an icon) would make the whole file compressed
+    icon = {"00280010": {"vr": "US", "Value": [8]}, "7FE00010": {"vr": "OB", "BulkDataURI": "icon"}}
+    with_icon = {**obj, "00880200": {"vr": "SQ", "Value": [icon]}}
+    response = post(
+        client,
+        [metadata_part([with_icon]), *all_frames, ({**jp2, "Content-Location": "icon"}, frames[0])],
+    )
+    assert response.status_code == 409, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert "only the data set's Pixel Data may be compressed" in values(failed, PRIVATE_REASON)[0]
+    assert archive.counts()["instances"] == 0
+    assert post(client, [metadata_part([obj]), *all_frames]).status_code == 200
+
+
+def test_a_long_uid_is_not_shortened_into_a_valid_one(client: TestClient) -> None:
+    long_uid = "1.2." + "3" * 70  # its first 64 characters would be a valid UID
+    obj = as_json(make_dataset(SOPInstanceUID=long_uid), "u", [])
+    response = post(client, [metadata_part([obj])])
+    assert response.status_code == 409, response.text
+    (failed,) = response.json()[FAILED]["Value"]
+    assert values(failed, SOP_INSTANCE) == []
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ MAX_FRAMES = 100_000
 PIXEL_DATA = "7FE00010"
 PIXEL_DATA_TAG = 0x7FE00010
 TRANSFER_SYNTAX = "00020010"
+NUMBER_OF_FRAMES = "00280008"
 
 
 @dataclass(frozen=True)
@@ -96,32 +97,43 @@ def claimed(obj: Any, tag: str) -> str | None:
     if not isinstance(attribute, dict):
         return None
     values = attribute.get("Value")
-    if isinstance(values, list) and values and isinstance(values[0], str):
-        return values[0][:64]
+    if isinstance(values, list) and values and isinstance(values[0], (str, int)):
+        return str(values[0])  # whole: a shortened UID could pass for a valid one
     return None
 
 
 class _Pixels:
     """The bulk data handler of one instance: values by URI, compressed Pixel Data framed."""
 
-    def __init__(self, bulk: Mapping[str, Bulk], declared_ts: str | None) -> None:
-        self.bulk, self.declared_ts = bulk, declared_ts
+    def __init__(self, bulk: Mapping[str, Bulk], obj: dict[str, Any]) -> None:
+        self.bulk = bulk
+        self.declared_ts = claimed(obj, TRANSFER_SYNTAX)
+        self.frame_count = claimed(obj, NUMBER_OF_FRAMES)
+        pixel = obj.get(PIXEL_DATA)
+        #: The top-level Pixel Data's URI: the only value that may come compressed (its
+        #: transfer syntax becomes the file's; an icon's cannot).
+        self.pixel_uri = pixel.get("BulkDataURI") if isinstance(pixel, dict) else None
         self.transfer_syntax: str | None = None  # of compressed Pixel Data, once found
 
     def __call__(self, tag: str, vr: str, uri: str) -> bytes:
         part = self.bulk.get(uri)
         if part is not None and part.media == OCTET:
             return bytes(part.body)
-        if tag.upper() != PIXEL_DATA:
+        if tag.upper() != PIXEL_DATA or uri != self.pixel_uri:
             if part is None:
                 raise InvalidObject(f"bulk data {uri[:200]} of ({tag}) is not in the request")
             raise InvalidObject(
-                f"bulk data of ({tag}) in {part.media[:64]}: only Pixel Data may be "
-                f"compressed, others are {OCTET} (PS3.18 8.7.3)"
+                f"bulk data of ({tag}) in {part.media[:64]}: only the data set's Pixel Data "
+                f"may be compressed, other values are {OCTET} (PS3.18 8.7.3)"
             )
         frames = [part] if part is not None else self._frames(uri)
         if not frames:
             raise InvalidObject(f"Pixel Data {uri[:200]} is not in the request")
+        if self.frame_count is not None and self.frame_count != str(len(frames)):
+            raise InvalidObject(
+                f"Number of Frames (0028,0008) is {self.frame_count[:16]} but the request "
+                f"holds {len(frames)} frame(s) of Pixel Data"
+            )
         self.transfer_syntax = self._syntax(frames)
         return encapsulate([bytes(f.body) for f in frames])
 
@@ -177,7 +189,7 @@ def to_part10(obj: Any, bulk: Mapping[str, Bulk]) -> bytearray:
         raise InvalidAttribute(
             "SOP Class UID (0008,0016) and SOP Instance UID (0008,0018) are required"
         )
-    pixels = _Pixels(bulk, claimed(obj, TRANSFER_SYNTAX))
+    pixels = _Pixels(bulk, obj)
     body = {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith("0002"))}
     try:
         ds = Dataset.from_json(body, pixels)
